@@ -1,0 +1,169 @@
+"""The `bitfit` command: train, eval, compare, serve, and the admin client (push, list, ...).
+
+Each subcommand imports what it needs when it runs, so `bitfit train` never loads FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def add_backbone(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="local Hugging Face model directory (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--inject", help="comma-separated projection names that get zero biases where they have none "
+                   "(default: every bias-less linear layer)")
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="GLUE task folder (train.tsv/dev.tsv), or a .csv / .jsonl file")
+    p.add_argument("--dev", help="dev file for a CSV/JSONL task (default: hold out 10 %% of --data)")
+    p.add_argument("--text-column", help="column (or JSONL key) of the text (default: text)")
+    p.add_argument("--pair-column", help="column of the second text, for sentence-pair tasks")
+    p.add_argument("--label-column", help="column of the label (default: label)")
+    p.add_argument("--labels", help="comma-separated class names in output order (default: sorted distinct labels)")
+    p.add_argument("--regression", action="store_true", help="the label is a real number (like STS-B)")
+
+
+def load_data(args, task=None):
+    from bitfit.data import load_task
+
+    return load_task(
+        args.data,
+        task=task,
+        text_column=args.text_column,
+        pair_column=args.pair_column,
+        label_column=args.label_column,
+        labels=args.labels.split(",") if args.labels else None,
+        regression=args.regression,
+        dev_path=args.dev,
+    )
+
+
+def load_backbone_from(args):
+    from bitfit.backbone import load_backbone
+
+    inject = args.inject.split(",") if getattr(args, "inject", None) else None
+    return load_backbone(args.backbone, inject=inject)
+
+
+def cmd_train(args) -> int:
+    from bitfit.bias_set import save_bias_set
+    from bitfit.evaluate import format_metrics
+    from bitfit.methods import get_method
+    from bitfit.train import TrainConfig, to_bias_set, train
+
+    method = get_method(args.method)
+    data = load_data(args, task=args.task)
+    backbone = load_backbone_from(args)
+    config = TrainConfig(
+        method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        max_train=args.max_train, max_dev=args.max_dev, pooling=args.pooling, threads=args.threads,
+    )
+    result = train(backbone, data, config)
+    if method.servable:
+        save_bias_set(to_bias_set(backbone, data, result, config), args.out)
+        what = "bias set"
+    else:
+        from bitfit.checkpoint import save_task_model
+
+        save_task_model(result.model, backbone, data, result, config, args.out)
+        what = f"{method.name} checkpoint (not a bias set: it cannot be served)"
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("epoch", "seconds")}
+    print(f"wrote {what} to {args.out}")
+    print(f"{data.spec.name} dev {data.spec.metric}={metrics[data.spec.metric]:.4f} ({format_metrics(metrics)}) "
+          f"best epoch {result.best_epoch}/{config.epochs}, {result.steps} steps, {result.seconds:.0f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from bitfit.bias_set import load_bias_set
+    from bitfit.evaluate import evaluate, format_metrics, task_model_from_bias_set
+
+    bias_set = load_bias_set(args.bias_set)
+    data = load_data(args, task=bias_set.task)
+    if list(data.spec.labels) != list(bias_set.labels):
+        from bitfit.errors import DataError
+
+        raise DataError(f"the data's labels {data.spec.labels} differ from the bias set's {bias_set.labels}")
+    backbone = load_backbone_from(args)
+    model = task_model_from_bias_set(backbone, bias_set)
+    from bitfit.data import subset
+
+    dev = subset(data.dev, args.max_dev, 0)
+    metrics = evaluate(model, backbone, data.spec, dev, progress=True)
+    print(f"{bias_set.task} dev {data.spec.metric}={metrics[data.spec.metric]:.4f} ({format_metrics(metrics)}) "
+          f"on {len(dev)} examples")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitfit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a task and write a bias set")
+    add_data(p)
+    add_backbone(p)
+    p.add_argument("--task", required=True, help="task name stored in the bias set")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--method", default="bitfit", help="bitfit (default), head, full, and those `bitfit compare` lists")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the method's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-train", type=int, help="train on a fixed random subset of this many examples")
+    p.add_argument("--max-dev", type=int, help="evaluate on a fixed random subset of this many examples")
+    p.add_argument("--pooling", choices=["mean", "cls", "pooler", "last"], help="default: mean (encoders), last (decoders)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a bias set on a task's dev split")
+    p.add_argument("--bias-set", required=True)
+    add_data(p)
+    add_backbone(p)
+    p.add_argument("--max-dev", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    for extra in EXTENSIONS:
+        extra(sub)
+    return parser
+
+
+# Other layers register their subcommands here (serve and the admin client, compare), imported lazily.
+EXTENSIONS: list = []
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for name in ("bitfit.cli_serve", "bitfit.cli_compare"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        EXTENSIONS.append(module.add_commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bitfit.errors import BitfitError
+
+    _load_extensions()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except BitfitError as e:
+        print(f"bitfit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad option values from the library (unknown method, pooling, ...)
+        print(f"bitfit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

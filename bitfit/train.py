@@ -1,0 +1,184 @@
+"""Training a task: a plain loop in nanoGPT's manner.
+
+AdamW, linear warmup then linear decay, gradient clipping, evaluation on dev after every epoch, and
+the best epoch's trainable tensors kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bitfit.backbone import Backbone
+from bitfit.bias_set import BiasSet
+from bitfit.data import Example, TaskData, subset
+from bitfit.evaluate import encode_examples, evaluate, format_metrics, primary
+from bitfit.heads import TaskHead, TaskModel
+from bitfit.inject import count_trainable
+from bitfit.methods import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "bitfit"
+    epochs: int = 3
+    lr: float | None = None  # None: the method's default
+    batch_size: int = 32
+    warmup: float = 0.06  # share of steps spent warming up
+    weight_decay: float = 0.01  # on head and full-FT weight matrices; never on biases
+    clip: float = 1.0
+    seed: int = 0
+    max_train: int | None = None  # train on a fixed random subset of this many examples
+    max_dev: int | None = None
+    pooling: str | None = None  # None: the backbone's default
+    dropout: float = 0.1
+    threads: int | None = None
+
+
+@dataclass
+class TrainResult:
+    model: TaskModel
+    metrics: dict[str, float]  # dev metrics of the best epoch
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shuffled_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    """Random batches of similar length: shuffle, sort within chunks of 50 batches, shuffle the batches."""
+    order = examples[:]
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i : i + chunk], key=lambda e: len(e.text) + len(e.pair or ""))
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_lambda(total: int, warmup: float):
+    warm = max(1, int(total * warmup))
+
+    def f(step: int) -> float:
+        if step < warm:  # 1) linear warmup
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))  # 2) linear decay to zero
+
+    return f
+
+
+def loss_fn(outputs: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return F.mse_loss(outputs.squeeze(-1), labels.float())
+    return F.cross_entropy(outputs, labels.long())
+
+
+def param_groups(model: TaskModel, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResult:
+    """Train one task on `backbone` (modified in place) and return the best epoch's model."""
+    method = get_method(config.method)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    spec = data.spec
+    train_set = subset(data.train, config.max_train, config.seed)
+    dev_set = subset(data.dev, config.max_dev, config.seed)
+    head = TaskHead(backbone.hidden_size, 1 if spec.is_regression else len(spec.labels), config.pooling or backbone.pooling, config.dropout)
+    model = TaskModel(backbone.model, head)
+    method.prepare(model, backbone, config.seed)
+    n_train, n_total, pct = count_trainable(model)
+    print(f"method {method.name}: trainable {n_train:,} / {n_total:,} ({pct:.2f} %)")
+
+    lr = config.lr if config.lr is not None else method.lr
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, config.warmup))
+    rng = random.Random(config.seed)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    best, best_score, best_epoch, history = None, -math.inf, 0, []
+    start, step = time.perf_counter(), 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        bar = tqdm(shuffled_batches(train_set, config.batch_size, rng), desc=f"epoch {epoch}/{config.epochs}")
+        for batch in bar:
+            inputs = encode_examples(backbone, batch)
+            labels = torch.tensor([e.label for e in batch])
+            loss = loss_fn(model(**inputs), labels, spec.is_regression)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        metrics = evaluate(model, backbone, spec, dev_set)
+        score = primary(metrics, spec)
+        history.append({"epoch": epoch, "seconds": round(time.perf_counter() - start, 1), **metrics})
+        print(f"epoch {epoch}: dev {format_metrics(metrics)}")
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            best = {n: p.detach().clone() for n, p in trainable}
+    with torch.no_grad():  # keep the best epoch, not the last
+        for n, p in trainable:
+            p.copy_(best[n])
+    model.eval()
+    return TrainResult(
+        model=model,
+        metrics=history[best_epoch - 1] | {},
+        best_epoch=best_epoch,
+        history=history,
+        trainable=n_train,
+        total=n_total,
+        seconds=time.perf_counter() - start,
+        steps=step,
+    )
+
+
+def to_bias_set(backbone: Backbone, data: TaskData, result: TrainResult, config: TrainConfig) -> BiasSet:
+    """The trained biases as a delta from the pre-trained ones, with the head and what produced them."""
+    delta = backbone.layout.gather(backbone.model) - backbone.original
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("epoch", "seconds")}
+    args = asdict(config) | {
+        "best_epoch": result.best_epoch,
+        "train_examples": min(len(data.train), config.max_train or len(data.train)),
+        "seconds": round(result.seconds, 1),
+    }
+    return BiasSet(
+        task=data.spec.name,
+        delta=delta,
+        head={k: v.detach().clone() for k, v in result.model.head.state_dict().items()},
+        labels=list(data.spec.labels),
+        fingerprint=backbone.layout.fingerprint,
+        pooling=result.model.head.pooling,
+        method=config.method,
+        metrics=metrics | {"trainable": result.trainable, "total": result.total},
+        train_args=args,
+        injected=list(backbone.injected),
+    )

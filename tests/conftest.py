@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models built from configs (no downloads) and the real packaged MiniLM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+GLUE_DIR = Path(os.environ.get("BITFIT_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
+REPO = Path(__file__).resolve().parents[1]
+
+# Per-dtype tolerances for equivalence checks (outputs of two computation orders of the same maths).
+TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def tiny_config(kind: str):
+    from transformers import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
+
+    common = dict(vocab_size=99)
+    if kind == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **common)
+    if kind == "roberta":
+        return RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **common)
+    if kind == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, **common)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
+    if kind == "t5":
+        return T5Config(d_model=32, d_kv=16, d_ff=37, num_layers=2, num_heads=2, **common)
+    if kind == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=64, **common)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str, seed: int = 0):
+    """A randomly initialised base model of `kind` (deterministic for a seed), in eval mode."""
+    from transformers import AutoModel, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    model = T5EncoderModel(config) if kind == "t5" else AutoModel.from_config(config)
+    return model.eval()
+
+
+def tiny_inputs(batch: int = 3, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from bitfit.backbone import default_backbone_dir
+
+    return default_backbone_dir()
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    if not GLUE_DIR.is_dir():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR} (set BITFIT_GLUE_DIR)")
+    return GLUE_DIR
