@@ -85,11 +85,11 @@ class BiasSet:
     @classmethod
     def from_bytes(cls, data: bytes) -> "BiasSet":
         """Parse a file's bytes; raises BiasSetFormatError on anything that is not a bias set."""
+        meta = read_metadata(data)
         try:
             tensors = st_load(data)
         except (SafetensorError, ValueError, RuntimeError, OSError) as e:
             raise BiasSetFormatError(f"not a safetensors file: {e}") from None
-        meta = read_metadata(data)
         return cls.from_parts(tensors, meta)
 
     @classmethod
@@ -141,7 +141,7 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise BiasSetFormatError("file is too short to be safetensors")
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
-        raise BiasSetFormatError("safetensors header is longer than the file")
+        raise BiasSetFormatError("not a safetensors file: its header length is longer than the file")
     try:
         header = json.loads(data[8 : 8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -19,10 +19,13 @@ from bitfit.layout import HFConv1D, find_slots
 log = logging.getLogger(__name__)
 
 
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or bool(HFConv1D and isinstance(module, HFConv1D))
+
+
 def injectable(module: nn.Module) -> bool:
     """A linear projection without a bias of its own."""
-    linear = isinstance(module, nn.Linear) or (HFConv1D and isinstance(module, HFConv1D))
-    return bool(linear) and module._parameters.get("bias") is None
+    return is_linear(module) and module._parameters.get("bias") is None
 
 
 def inject_biases(model: nn.Module, targets: Iterable[str] | None = None) -> list[str]:
@@ -31,6 +34,10 @@ def inject_biases(model: nn.Module, targets: Iterable[str] | None = None) -> lis
     Returns the module paths that got one. Idempotent: a layer with a bias is left alone.
     """
     wanted = set(targets) if targets is not None else None
+    if wanted is not None:
+        names = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if is_linear(m)}
+        if wanted - names:
+            raise BitfitError(f"no linear layer is named {sorted(wanted - names)}; candidates are {sorted(names)}")
     injected = []
     for path, module in model.named_modules():
         if not injectable(module):
@@ -42,9 +49,6 @@ def inject_biases(model: nn.Module, targets: Iterable[str] | None = None) -> lis
         module.bias = nn.Parameter(torch.zeros(out_features, dtype=weight.dtype, device=weight.device))
         module.bitfit_injected = True
         injected.append(path)
-    if wanted is not None and not injected and any(injectable(m) for _, m in model.named_modules()):
-        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if injectable(m)})
-        raise BitfitError(f"no bias-less linear layer is named {sorted(wanted)}; candidates are {names}")
     return injected
 
 

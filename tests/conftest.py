@@ -68,3 +68,23 @@ def glue_dir() -> Path:
     if not GLUE_DIR.is_dir():
         pytest.skip(f"GLUE data not found at {GLUE_DIR} (set BITFIT_GLUE_DIR)")
     return GLUE_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_backbone(minilm_dir):
+    """The real packaged MiniLM, loaded once; tests that move biases use `fresh_minilm`."""
+    from bitfit.backbone import load_backbone
+
+    return load_backbone(minilm_dir)
+
+
+@pytest.fixture
+def fresh_minilm(minilm_backbone):
+    import copy
+
+    return copy.deepcopy(minilm_backbone)
+
+
+def write_rows(path: Path, header: list[str], rows: list[list[str]], sep: str = "\t") -> Path:
+    path.write_text("\n".join(sep.join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
+    return path

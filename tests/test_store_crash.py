@@ -1,0 +1,262 @@
+"""Crash safety and concurrency with real processes: SIGKILL mid-write, and two writers on one directory."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from test_store_support import tiny_layout, valid_bytes
+
+from bias_store import BiasStore, TaskNotFound, validate
+from bias_store.store import version_id
+
+TASKS = ("sst2", "cola")
+State = dict[str, tuple[frozenset, str | None]]  # task -> (versions, active)
+
+
+def _churn(root: str, layout, blobs: dict[str, list[bytes]], log_path: str, seed: int) -> None:
+    """Loop uploads, activations and deletes forever, logging each op before it starts and once acknowledged."""
+    rng = random.Random(seed)
+    store = BiasStore(root, layout)
+    log = open(log_path, "a", buffering=1)  # one write(2) per line: a line survives SIGKILL once written
+
+    def run(op: str, fn, *args, **kw):
+        log.write(f"begin {op}\n")
+        fn(*args, **kw)
+        log.write(f"ok {op}\n")
+
+    while True:
+        task = rng.choice(TASKS)
+        try:
+            info = store.task(task)
+        except TaskNotFound:
+            info = None
+        r = rng.random()
+        if info is None or r < 0.5:
+            data, act = rng.choice(blobs[task]), rng.random() < 0.7
+            run(f"put {task} {version_id(data)} {int(act)}", store.put, task, data, activate=act)
+        elif r < 0.85:
+            v = rng.choice(info.versions).version
+            run(f"activate {task} {v}", store.activate, task, v)
+        else:
+            inactive = [x.version for x in info.versions if not x.active and info.active]
+            if inactive:
+                v = rng.choice(inactive)
+                run(f"delete {task} {v}", store.delete_version, task, v)
+
+
+def _apply(state: State, op: str) -> State:
+    """The store's documented effect of one logged op, on the model state."""
+    kind, task, v, *rest = op.split()
+    state = dict(state)
+    versions, active = state.get(task, (frozenset(), None))
+    if kind == "put":
+        versions, active = versions | {v}, v if rest == ["1"] else active
+    elif kind == "activate":
+        active = v
+    elif kind == "delete":
+        versions = versions - {v}
+    if versions:
+        state[task] = (versions, active)
+    else:
+        state.pop(task, None)
+    return state
+
+
+def _replay(log_text: str, state: State) -> tuple[State, str | None, int]:
+    """(state after every acknowledged op, the op in flight at the kill or None, number of acks)."""
+    inflight, acks = None, 0
+    for line in log_text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        word, op = line.rstrip("\n").split(" ", 1)
+        if word == "begin":
+            inflight = op
+        else:
+            assert op == inflight, f"ack {op!r} for {inflight!r}"
+            state, inflight, acks = _apply(state, op), None, acks + 1
+    return state, inflight, acks
+
+
+def _observe(store: BiasStore, blobs: dict[str, list[bytes]]) -> State:
+    """The store's state, after checking every listed version reads back intact and nothing stray is left."""
+    by_id = {version_id(b): b for bs in blobs.values() for b in bs}
+    state = {}
+    for t in store.tasks():
+        ids = frozenset(v.version for v in t.versions)
+        for v in ids:
+            assert version_id(store.read(t.name, v)) == v and store.read(t.name, v) == by_id[v]
+        assert t.active is None or t.active in ids
+        on_disk = {p.name for p in (store.root / t.name / "versions").iterdir()}
+        assert on_disk == {v + ".safetensors" for v in ids}
+        state[t.name] = (ids, t.active)
+    stray = [p for p in store.root.rglob("*") if p.name.startswith((".tmp-", ".trash-", ".dirty"))]
+    assert not stray, stray
+    return state
+
+
+def test_sigkill_during_uploads_and_activations_leaves_old_or_new_state(tmp_path):
+    layout = tiny_layout()
+    blobs = {t: [valid_bytes(layout, task=t, seed=i) for i in range(4)] for t in TASKS}
+    ctx, rng = mp.get_context("fork"), random.Random(1234)
+    state: State = {}
+    rounds = acks = midway = 0
+    start = time.monotonic()
+    while rounds < 30 and time.monotonic() - start < 10.0:
+        log_path = tmp_path / f"log{rounds}"
+        child = ctx.Process(target=_churn, args=(str(tmp_path / "store"), layout, blobs, str(log_path), rounds))
+        child.start()
+        time.sleep(rng.uniform(0.02, 0.12))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+
+        acked, inflight, n = _replay(log_path.read_text() if log_path.exists() else "", state)
+        observed = _observe(BiasStore(tmp_path / "store", layout), blobs)  # opening recovers
+        allowed = [acked] + ([_apply(acked, inflight)] if inflight else [])
+        assert observed in allowed, f"round {rounds}: in flight {inflight!r}\n{observed}\nnot in\n{allowed}"
+        state, rounds, acks, midway = observed, rounds + 1, acks + n, midway + bool(inflight)
+    print(f"{rounds} kills, {acks} acknowledged ops, {midway} kills inside an operation")
+    assert rounds >= 20 and acks >= 30, (rounds, acks)
+    assert midway >= rounds // 2, f"only {midway} of {rounds} kills landed inside an operation"
+
+
+CRASHED = 77
+INTERCEPTED = ("fsync", "replace", "rename", "unlink", "mkdir", "rmdir")  # every step that changes the disk
+
+
+def _run_until_step(root: Path, layout, op, k: int) -> int:
+    """Run `op(store)` in a forked child that dies (os._exit) at its k-th file-system step; its exit code."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            store = BiasStore(root, layout)
+            count = [0]
+
+            def wrap(fn):
+                def step(*args, **kw):
+                    if count[0] == k:
+                        os._exit(CRASHED)
+                    count[0] += 1
+                    return fn(*args, **kw)
+
+                return step
+
+            for name in INTERCEPTED:
+                setattr(os, name, wrap(getattr(os, name)))
+            op(store)
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _full_state(store: BiasStore, blobs) -> tuple:
+    """(task, active, rollback history, versions) per task, after the checks of `_observe`."""
+    _observe(store, blobs)
+    states = {t.name: json.loads((store.root / t.name / "STATE.json").read_text()) for t in store.tasks()}
+    return tuple(
+        (t, s["active"], tuple(s["history"]), tuple(v["version"] for v in s["versions"]))
+        for t, s in sorted(states.items())
+    )
+
+
+# One of each kind of commit: a version file plus STATE, STATE alone, STATE then unlink, a directory rename.
+SCENARIOS = [
+    ("put-new-version", lambda s, b: s.put("sst2", b["sst2"][2])),
+    ("put-new-task", lambda s, b: s.put("mnli", b["mnli"][0])),
+    ("activate", lambda s, b: s.activate("sst2", version_id(b["sst2"][0]))),
+    ("rollback", lambda s, b: s.rollback("sst2")),
+    ("force-delete-active-version", lambda s, b: s.delete_version("sst2", version_id(b["sst2"][1]), force=True)),
+    ("delete-task", lambda s, b: s.delete_task("sst2")),
+]
+
+
+@pytest.mark.parametrize("op", [s[1] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+def test_a_crash_at_every_write_step_leaves_old_or_new_state(tmp_path, op):
+    layout = tiny_layout()
+    blobs = {t: [valid_bytes(layout, task=t, seed=i) for i in range(4)] for t in ("sst2", "cola", "mnli")}
+    template = BiasStore(tmp_path / "template", layout)
+    template.put("sst2", blobs["sst2"][0])
+    template.put("sst2", blobs["sst2"][1])  # active, with sst2[0] on the rollback history
+    template.put("cola", blobs["cola"][0])
+    old, g_old = _full_state(template, blobs), template.generation()
+    shutil.copytree(template.root, tmp_path / "done")
+    op(BiasStore(tmp_path / "done", layout), blobs)
+    new = _full_state(BiasStore(tmp_path / "done", layout), blobs)
+    assert new != old
+
+    outcomes = []
+    for k in range(200):
+        root = tmp_path / f"k{k}"
+        shutil.copytree(template.root, root)
+        code = _run_until_step(root, layout, lambda s: op(s, blobs), k)
+        assert code in (CRASHED, 0), f"child failed at step {k} with exit code {code}"
+        reopened = BiasStore(root, layout)  # recovery runs here
+        seen = _full_state(reopened, blobs)
+        assert seen in (old, new), f"crash at step {k} left a third state: {seen}"
+        if seen == new:
+            assert reopened.generation() > g_old, f"crash at step {k}: new state but generation did not move"
+        outcomes.append(seen == new)
+        shutil.rmtree(root)
+        if code == 0:
+            break
+    assert code == 0 and outcomes[0] is False and outcomes[-1] is True and len(outcomes) >= 4
+
+
+def _upload(root: str, layout, jobs: list[tuple[str, bytes]], barrier, out) -> None:
+    store = BiasStore(root, layout)
+    barrier.wait()
+    acked = []
+    for i, (task, data) in enumerate(jobs):
+        acked.append((task, store.put(task, data).version))
+        if i % 3 == 2:  # activations interleave with the other writer's uploads
+            store.activate(*acked[-2])
+            acked.append(acked[-2])
+    out.put(acked)
+
+
+def test_two_processes_uploading_at_once_keep_every_acknowledged_version(tmp_path):
+    layout, root = tiny_layout(), tmp_path / "store"
+    BiasStore(root, layout)
+    shared_same = valid_bytes(layout, task="shared", seed=99)  # both upload these exact bytes
+    jobs = {
+        name: [(own, valid_bytes(layout, task=own, seed=s + i)) for i in range(8)]
+        + [("shared", valid_bytes(layout, task="shared", seed=s + i)) for i in range(8)]
+        + [("shared", shared_same)]
+        for name, own, s in (("a", "alpha", 0), ("b", "beta", 100))
+    }
+    for name in jobs:  # interleave own-task and shared-task uploads
+        j = jobs[name]
+        jobs[name] = [x for pair in zip(j[:8], j[8:16]) for x in pair] + j[16:]
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_upload, args=(str(root), layout, jobs[n], barrier, out)) for n in jobs]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+
+    store = BiasStore(root, layout)
+    tasks = {t.name: t for t in store.tasks()}
+    assert sorted(tasks) == ["alpha", "beta", "shared"]
+    for acked in results:
+        for task, v in acked:
+            data = store.read(task, v)
+            assert version_id(data) == v and validate(data, layout, max_bytes=2**20, task=task) == []
+        own = acked[0][0]  # only this process writes it, so its last acknowledged version is active
+        assert tasks[own].active == [v for t, v in acked if t == own][-1]
+    assert len(tasks["shared"].versions) == 17  # 8 + 8 distinct, and the common bytes once
+    assert tasks["shared"].active in {v for acked in results for t, v in acked if t == "shared"}
+    for t in tasks.values():
+        files = {p.name for p in (Path(root) / t.name / "versions").iterdir()}
+        assert files == {v.version + ".safetensors" for v in t.versions}

@@ -1,0 +1,70 @@
+"""Training on the real MiniLM: only slots and the head move; the saved file reproduces the dev metric."""
+
+import pytest
+import torch
+
+from bitfit.bias_set import load_bias_set, save_bias_set
+from bitfit.data import load_task
+from bitfit.evaluate import evaluate, task_model_from_bias_set
+from bitfit.train import TrainConfig, to_bias_set, train
+from conftest import write_rows
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_sentiment(tmp_path):
+    good = ["a wonderful film", "great acting", "i loved it", "superb and moving", "a joy to watch", "brilliant"]
+    bad = ["a dull mess", "terrible acting", "i hated it", "boring and slow", "a waste of time", "awful"]
+    rows = [[t, "1"] for t in good] + [[t, "0"] for t in bad]
+    train_file = write_rows(tmp_path / "train.csv", ["text", "label"], rows * 3, sep=",")
+    dev_file = write_rows(tmp_path / "dev.csv", ["text", "label"], rows, sep=",")
+    return load_task(train_file, dev_path=dev_file, labels=["0", "1"], task="toy")
+
+
+def snapshot(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["bitfit", "head"])
+def test_training_moves_only_slots_and_head(fresh_minilm, tmp_path, method):
+    bb = fresh_minilm
+    before = snapshot(bb.model)
+    result = train(bb, tiny_sentiment(tmp_path), TrainConfig(method=method, epochs=1, batch_size=8, lr=1e-2))
+    after = snapshot(bb.model)
+    slot_params = {f"{s.path}.bias" for s in bb.layout.slots}
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    if method == "bitfit":
+        assert moved and moved <= slot_params  # biases moved, every other tensor bit-identical
+    else:
+        assert moved == set()
+    head_before = torch.nn.Linear(bb.hidden_size, 2).weight  # untrained heads are random; a trained one moved
+    assert result.model.head.out.weight.shape == head_before.shape
+    assert result.steps == 5 and result.best_epoch == 1  # 36 examples, batches of 8
+
+
+def test_saved_bias_set_reproduces_the_dev_metric(fresh_minilm, minilm_dir, tmp_path):
+    from bitfit.backbone import load_backbone
+
+    data = tiny_sentiment(tmp_path)
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2)
+    result = train(fresh_minilm, data, config)
+    bs = to_bias_set(fresh_minilm, data, result, config)
+    assert bs.delta.abs().max() > 0 and bs.fingerprint == fresh_minilm.layout.fingerprint
+    path = save_bias_set(bs, tmp_path / "toy.safetensors")
+
+    reloaded = load_backbone(minilm_dir)  # a fresh process would see exactly this
+    model = task_model_from_bias_set(reloaded, load_bias_set(path))
+    again = evaluate(model, reloaded, data.spec, data.dev)
+    assert again["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=1e-9)
+    assert bs.metrics["accuracy"] == result.metrics["accuracy"]
+
+
+def test_training_is_reproducible_for_a_seed(minilm_backbone, tmp_path):
+    import copy
+
+    data = tiny_sentiment(tmp_path)
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-2, seed=3)
+    a = to_bias_set(bb := copy.deepcopy(minilm_backbone), data, train(bb, data, config), config)
+    b = to_bias_set(bb := copy.deepcopy(minilm_backbone), data, train(bb, data, config), config)
+    assert torch.equal(a.delta, b.delta)
+    assert torch.equal(a.head["out.weight"], b.head["out.weight"])
