@@ -106,12 +106,20 @@ def load_backbone(
 ) -> Backbone:
     """Load a local model directory in float32 on the CPU, inject missing biases, take its layout.
 
+    `path` may also be a .gguf file or the alias `smollm2` (see `bitfit.llm`): converted once into a
+    cached model directory, which is then loaded like any other.
+
     `inject` names the projections that get zero biases where they have none (default: every
     bias-less linear layer). The fingerprint is taken here, before anything can move a weight.
     """
     from transformers import AutoModel, AutoTokenizer
 
-    path = Path(path) if path is not None else default_backbone_dir()
+    if path is None:
+        path = default_backbone_dir()
+    else:
+        from bitfit.llm import resolve_backbone_path
+
+        path = resolve_backbone_path(path)  # a .gguf file or an alias (smollm2) -> its converted directory
     if not (path / "config.json").is_file():
         raise BitfitError(f"{path} is not a Hugging Face model directory (no config.json)")
     model, info = AutoModel.from_pretrained(path, output_loading_info=True, dtype=torch.float32)

@@ -158,6 +158,7 @@ def save_bias_set(bias_set: BiasSet, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644 & ~_umask())  # mkstemp makes 0600; a bias set is not a secret
         with os.fdopen(fd, "wb") as f:
             f.write(bias_set.to_bytes())
             f.flush()
@@ -167,6 +168,12 @@ def save_bias_set(bias_set: BiasSet, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_bias_set(path: str | os.PathLike) -> BiasSet:

@@ -80,16 +80,19 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from bitfit.bias_set import load_bias_set
+    from bitfit.checkpoint import is_task_model, load_task_model
     from bitfit.evaluate import evaluate, format_metrics, task_model_from_bias_set
 
-    bias_set = load_bias_set(args.bias_set)
+    # a bias set, or the checkpoint of a method that is not servable (full, lora, random)
+    checkpoint = load_task_model(args.bias_set) if is_task_model(args.bias_set) else None
+    bias_set = checkpoint or load_bias_set(args.bias_set)
     data = load_data(args, task=bias_set.task)
     if list(data.spec.labels) != list(bias_set.labels):
         from bitfit.errors import DataError
 
         raise DataError(f"the data's labels {data.spec.labels} differ from the bias set's {bias_set.labels}")
     backbone = load_backbone_from(args)
-    model = task_model_from_bias_set(backbone, bias_set)
+    model = checkpoint.build(backbone) if checkpoint else task_model_from_bias_set(backbone, bias_set)
     from bitfit.data import subset
 
     dev = subset(data.dev, args.max_dev, 0)
@@ -120,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a bias set on a task's dev split")
-    p.add_argument("--bias-set", required=True)
+    p = sub.add_parser("eval", help="evaluate a bias set (or a full/lora/random checkpoint) on a task's dev split")
+    p.add_argument("--bias-set", required=True, help="a bias set, or a checkpoint written by `bitfit train --method full|lora|random`")
     add_data(p)
     add_backbone(p)
     p.add_argument("--max-dev", type=int)
@@ -139,14 +142,15 @@ EXTENSIONS: list = []
 def _load_extensions() -> None:
     import importlib
 
-    for name in ("bitfit.cli_serve", "bitfit.cli_compare"):
+    for name in ("bitfit.cli_serve", "bitfit.cli_compare", "bitfit.cli_llm"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
             continue
-        EXTENSIONS.append(module.add_commands)
+        if module.add_commands not in EXTENSIONS:  # main() may run more than once in a process (tests)
+            EXTENSIONS.append(module.add_commands)
 
 
 def main(argv: list[str] | None = None) -> int:

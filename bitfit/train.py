@@ -22,7 +22,7 @@ from bitfit.data import Example, TaskData, subset
 from bitfit.evaluate import encode_examples, evaluate, format_metrics, primary
 from bitfit.heads import TaskHead, TaskModel
 from bitfit.inject import count_trainable
-from bitfit.methods import get_method
+from bitfit.methods import get_method, trainable_scalars
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class TrainResult:
     total: int = 0
     seconds: float = 0.0
     steps: int = 0
+    step_seconds: float = 0.0  # inside training steps only (encode, forward, backward, update): no evaluation
+    optimizer_bytes: int = 0  # AdamW state tensors at the end of training
 
 
 def seed_everything(seed: int) -> None:
@@ -110,8 +112,10 @@ def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResul
     dev_set = subset(data.dev, config.max_dev, config.seed)
     head = TaskHead(backbone.hidden_size, 1 if spec.is_regression else len(spec.labels), config.pooling or backbone.pooling, config.dropout)
     model = TaskModel(backbone.model, head)
-    method.prepare(model, backbone, config.seed)
-    n_train, n_total, pct = count_trainable(model)
+    after_step = method.prepare(model, backbone, config.seed)  # None, or a hook some methods need after each update
+    n_train, n_total, _ = count_trainable(model)
+    n_train = trainable_scalars(model)  # partly trained tensors (random) count only their trainable entries
+    pct = 100.0 * n_train / max(n_total, 1)
     print(f"method {method.name}: trainable {n_train:,} / {n_total:,} ({pct:.2f} %)")
 
     lr = config.lr if config.lr is not None else method.lr
@@ -123,11 +127,12 @@ def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResul
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     best, best_score, best_epoch, history = None, -math.inf, 0, []
-    start, step = time.perf_counter(), 0
+    start, step, step_seconds = time.perf_counter(), 0, 0.0
     for epoch in range(1, config.epochs + 1):
         model.train()
         bar = tqdm(shuffled_batches(train_set, config.batch_size, rng), desc=f"epoch {epoch}/{config.epochs}")
         for batch in bar:
+            t0 = time.perf_counter()
             inputs = encode_examples(backbone, batch)
             labels = torch.tensor([e.label for e in batch])
             loss = loss_fn(model(**inputs), labels, spec.is_regression)
@@ -135,8 +140,11 @@ def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResul
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.clip)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             scheduler.step()
             step += 1
+            step_seconds += time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss.item():.4f}")
         metrics = evaluate(model, backbone, spec, dev_set)
         score = primary(metrics, spec)
@@ -158,6 +166,9 @@ def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResul
         total=n_total,
         seconds=time.perf_counter() - start,
         steps=step,
+        step_seconds=step_seconds,
+        optimizer_bytes=sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                            if torch.is_tensor(t)),
     )
 
 

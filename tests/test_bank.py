@@ -1,0 +1,111 @@
+"""The bias bank: rows of absolute biases, load before evict, idempotent changes, growth that keeps rows intact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from bitfit.errors import BackboneMismatch, BiasSetFormatError
+from server.bank import BiasBank
+from server.testing import minilm, random_bias_set
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return minilm()
+
+
+@pytest.fixture
+def bank(backbone):
+    return BiasBank(backbone.layout, backbone.original, backbone.hidden_size, capacity=2)
+
+
+def snapshot(bank):
+    return bank.keys(), {k: bank.rows[bank.row(k)].clone() for k in bank.keys()}, dict(bank.heads)
+
+
+def test_row_holds_original_plus_delta(bank, backbone):
+    bias_set = random_bias_set(backbone, "a")
+    assert bank.load(("a", "v1"), bias_set) is True
+    torch.testing.assert_close(bank.rows[bank.row(("a", "v1"))], backbone.original + bias_set.delta)
+    assert bank.heads[bank.row(("a", "v1"))].labels == ("negative", "positive")
+
+
+def test_load_twice_is_a_no_op(bank, backbone):
+    bank.load("a", random_bias_set(backbone, "a"))
+    before = snapshot(bank)
+    assert bank.load("a", random_bias_set(backbone, "a", seed=9)) is False
+    after = snapshot(bank)
+    assert before[0] == after[0]
+    torch.testing.assert_close(before[1]["a"], after[1]["a"])
+
+
+def test_evict_twice_is_a_no_op(bank, backbone):
+    bank.load("a", random_bias_set(backbone, "a"))
+    assert bank.evict("a") is True
+    assert bank.evict("a") is False
+    assert "a" not in bank and len(bank) == 0
+
+
+def test_evicted_row_is_reused(bank, backbone):
+    bank.load("a", random_bias_set(backbone, "a"))
+    row = bank.row("a")
+    bank.evict("a")
+    bank.load("b", random_bias_set(backbone, "b", seed=2))
+    assert bank.row("b") == row
+
+
+def test_growing_past_capacity_keeps_every_resident_row(bank, backbone):
+    sets = {f"t{i}": random_bias_set(backbone, f"t{i}", seed=i) for i in range(5)}
+    for name, bias_set in sets.items():
+        bank.load(name, bias_set)
+    assert bank.rows.shape[0] >= 5
+    for name, bias_set in sets.items():
+        torch.testing.assert_close(bank.rows[bank.row(name)], backbone.original + bias_set.delta)
+
+
+def bad_sets(backbone):
+    good = random_bias_set(backbone, "bad")
+    return {
+        "other backbone": dataclasses.replace(good, fingerprint="0" * 64),
+        "short delta": dataclasses.replace(good, delta=good.delta[:-1]),
+        "head width": dataclasses.replace(good, head={"out.weight": torch.zeros(2, 10), "out.bias": torch.zeros(2)}),
+        "label count": dataclasses.replace(good, labels=["a", "b", "c"]),
+        "pooling": dataclasses.replace(good, pooling="max"),
+    }
+
+
+@pytest.mark.parametrize("case", ["other backbone", "short delta", "head width", "label count", "pooling"], ids=str)
+def test_bad_bias_set_is_refused_and_bank_unchanged(bank, backbone, case):
+    bank.load("good", random_bias_set(backbone, "good"))
+    before, generation = snapshot(bank), bank.generation
+    with pytest.raises((BackboneMismatch, BiasSetFormatError)):
+        bank.load("bad", bad_sets(backbone)[case])
+    after = snapshot(bank)
+    assert after[0] == before[0] == ["good"] and bank.generation == generation
+    torch.testing.assert_close(after[1]["good"], before[1]["good"])
+
+
+def test_pooler_pooling_refused_on_a_backbone_without_pooler(backbone):
+    bank = BiasBank(backbone.layout, backbone.original, backbone.hidden_size, has_pooler=False)
+    with pytest.raises(BiasSetFormatError, match="pooler"):
+        bank.load("p", random_bias_set(backbone, "p", pooling="pooler"))
+    assert len(bank) == 0
+
+
+def test_nbytes_counts_rows_and_heads(bank, backbone):
+    empty = bank.nbytes
+    assert empty == bank.rows.nbytes
+    bank.load("a", random_bias_set(backbone, "a"))
+    assert bank.nbytes == empty + (2 * backbone.hidden_size + 2) * 4
+
+
+def test_bank_rows_take_the_engine_dtype(backbone):
+    bank = BiasBank(backbone.layout, backbone.original, backbone.hidden_size, dtype=torch.bfloat16)
+    bias_set = random_bias_set(backbone, "a")
+    bank.load("a", bias_set)
+    assert bank.rows.dtype == torch.bfloat16
+    # the sum is taken in float32 and rounded once
+    torch.testing.assert_close(bank.rows[bank.row("a")], (backbone.original + bias_set.delta).to(torch.bfloat16))
