@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
     backbone = load_backbone_from(args)
     config = TrainConfig(
         method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-        max_train=args.max_train, max_dev=args.max_dev, pooling=args.pooling, threads=args.threads,
+        max_train=args.max_train, max_dev=args.max_dev, pooling=args.pooling, threads=args.threads, init=args.init,
     )
     result = train(backbone, data, config)
     if method.servable:
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dev", type=int, help="evaluate on a fixed random subset of this many examples")
     p.add_argument("--pooling", choices=["mean", "cls", "pooler", "last"], help="default: mean (encoders), last (decoders)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="start from this bias set's biases and head (train further)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_train)
 

@@ -40,6 +40,7 @@ class TrainConfig:
     max_train: int | None = None  # train on a fixed random subset of this many examples
     max_dev: int | None = None
     pooling: str | None = None  # None: the backbone's default
+    init: str | None = None  # a bias set to start from (its biases and head), e.g. to train further
     dropout: float = 0.1
     threads: int | None = None
 
@@ -101,6 +102,20 @@ def param_groups(model: TaskModel, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def start_from(backbone: Backbone, head: TaskHead, spec, path: str) -> None:
+    """Load a bias set's biases into the backbone and its head into `head` (same task shape and pooling)."""
+    from bitfit.bias_set import load_bias_set
+    from bitfit.errors import DataError
+
+    init = load_bias_set(path)
+    init.check_backbone(backbone.layout)
+    if list(init.labels) != list(spec.labels) or init.pooling != head.pooling:
+        raise DataError(f"--init {path}: labels {init.labels} / pooling {init.pooling!r} do not match the task's "
+                        f"{spec.labels} / {head.pooling!r}")
+    backbone.layout.scatter(backbone.model, init.absolute_biases(backbone.original))
+    head.load_state_dict(init.head)
+
+
 def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResult:
     """Train one task on `backbone` (modified in place) and return the best epoch's model."""
     method = get_method(config.method)
@@ -111,6 +126,8 @@ def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResul
     train_set = subset(data.train, config.max_train, config.seed)
     dev_set = subset(data.dev, config.max_dev, config.seed)
     head = TaskHead(backbone.hidden_size, 1 if spec.is_regression else len(spec.labels), config.pooling or backbone.pooling, config.dropout)
+    if config.init:
+        start_from(backbone, head, spec, config.init)
     model = TaskModel(backbone.model, head)
     after_step = method.prepare(model, backbone, config.seed)  # None, or a hook some methods need after each update
     n_train, n_total, _ = count_trainable(model)

@@ -68,3 +68,23 @@ def test_training_is_reproducible_for_a_seed(minilm_backbone, tmp_path):
     b = to_bias_set(bb := copy.deepcopy(minilm_backbone), data, train(bb, data, config), config)
     assert torch.equal(a.delta, b.delta)
     assert torch.equal(a.head["out.weight"], b.head["out.weight"])
+
+
+def test_init_starts_from_a_saved_bias_set_and_refuses_another_task_shape(fresh_minilm, tmp_path):
+    from bitfit.errors import DataError
+    from bitfit.heads import TaskHead
+    from bitfit.train import start_from
+
+    data = tiny_sentiment(tmp_path)
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-2)
+    bs = to_bias_set(fresh_minilm, data, train(fresh_minilm, data, config), config)
+    path = save_bias_set(bs, tmp_path / "toy.safetensors")
+    fresh_minilm.reset_biases()
+    head = TaskHead(fresh_minilm.hidden_size, 2, "mean")
+    start_from(fresh_minilm, head, data.spec, str(path))
+    torch.testing.assert_close(fresh_minilm.layout.gather(fresh_minilm.model) - fresh_minilm.original, bs.delta)
+    assert torch.equal(head.out.weight, bs.head["out.weight"])
+    three = TaskHead(fresh_minilm.hidden_size, 3, "mean")
+    spec3 = type(data.spec)("toy", ["a", "b", "c"])
+    with pytest.raises(DataError, match="do not match"):
+        start_from(fresh_minilm, three, spec3, str(path))
