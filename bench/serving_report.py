@@ -212,7 +212,7 @@ def markdown(r: dict, png: Path | str | None = None, json_path: Path | str | Non
         rl = e["reload"]
         rows.append([f"reload a fine-tuned model per request batch (one task per batch of {e['batch']})",
                      f"{rl['throughput']['ours, swap per batch']['median']:.1f} (swap every batch)",
-                     f"{rl['throughput']['reload per batch']['median']:.1f}", f"{rl['ours_over_reload']:.1f}×"])
+                     f"{rl['throughput']['reload per batch']['median']:.1f}", f"{rl['ours_over_reload']:.2f}×"])
         out.append(_table(["peer", "ours seq/s", "peer seq/s", "ours / peer (median of rounds)"], rows) + "\n")
         if mem:
             out.append("Memory per task (from 3): " + "; ".join(
@@ -228,9 +228,9 @@ def markdown(r: dict, png: Path | str | None = None, json_path: Path | str | Non
                             f"{lat['max_ms']:.1f}"]]) + "\n")
         out.append(f"Server RSS with {max(r['sizes']['http_tasks']):,} tasks resident: "
                    f"{_mib(h['server_rss']['gather'])} MiB (gather server), {_mib(h['server_rss']['swap-only'])} MiB "
-                   f"(swap-only server), {_mib(h['server_rss']['small'])} MiB with none; ready "
-                   f"{h['ready_s']['gather']:.0f} s after start (three servers loading at once, beside the memory "
-                   f"probes); writing the {max(r['sizes']['http_tasks']):,} tasks into the store took "
+                   f"(swap-only server), {_mib(h['server_rss']['small'])} MiB with none (the server's own figure for "
+                   f"memory per task: RSS difference / tasks); all three were ready {h['ready_s']['gather']:.0f} s "
+                   f"after the memory probes ended (they loaded beside them); writing the {max(r['sizes']['http_tasks']):,} tasks into the store took "
                    f"{h['store_fill_s']:.0f} s (`BiasStore.put`, fsync-bound, beside the memory probes).\n")
     if png:
         out.append(f"![serving benchmark]({png})\n")

@@ -152,15 +152,15 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return meta
 
 
-def save_bias_set(bias_set: BiasSet, path: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file beside the target, fsynced, then renamed over it."""
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file atomically: a temporary file beside the target, fsynced, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644 & ~_umask())  # mkstemp makes 0600; a bias set is not a secret
+        os.fchmod(fd, 0o644 & ~_umask())  # mkstemp makes 0600; these files are not secrets
         with os.fdopen(fd, "wb") as f:
-            f.write(bias_set.to_bytes())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -168,6 +168,10 @@ def save_bias_set(bias_set: BiasSet, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_bias_set(bias_set: BiasSet, path: str | os.PathLike) -> Path:
+    return write_atomic(path, bias_set.to_bytes())
 
 
 def _umask() -> int:

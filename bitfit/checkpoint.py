@@ -10,8 +10,6 @@ file can be evaluated (`bitfit eval`) but not served: the server only swaps bias
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from bitfit.backbone import Backbone
-from bitfit.bias_set import read_metadata
+from bitfit.bias_set import read_metadata, write_atomic
 from bitfit.errors import BackboneMismatch, BiasSetFormatError
 from bitfit.heads import TaskHead, TaskModel
 
@@ -84,19 +82,7 @@ def save_task_model(model: TaskModel, backbone: Backbone, data, result, config, 
         "metrics": json.dumps(metrics | {"trainable": trainable_scalars(model), "total": result.total}, sort_keys=True),
         "train_args": json.dumps(asdict(config) | {"best_epoch": result.best_epoch}, sort_keys=True),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(st_save(tensors, metadata=meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, st_save(tensors, metadata=meta))
 
 
 def is_task_model(path) -> bool:
