@@ -31,13 +31,14 @@ def run(method: str, args, data) -> dict:
     backbone = load_backbone(args.backbone, inject=inject, max_length=args.max_length)
     load_s = time.perf_counter() - start
     lr = args.lr_bitfit if method == "bitfit" else args.lr_head
-    config = TrainConfig(method=method, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
+    head_lr = args.head_lr if method == "bitfit" else None  # head-only: its one lr is the head's
+    config = TrainConfig(method=method, epochs=args.epochs, lr=lr, head_lr=head_lr, batch_size=args.batch_size, seed=args.seed,
                          max_train=args.max_train, max_dev=args.max_dev, threads=args.threads)
     result = train(backbone, data, config)
     out = Path(args.out) / f"sst2-smollm2-{method}.safetensors"
     save_bias_set(to_bias_set(backbone, data, result, config), out)
     row = {
-        "method": method, "inject": args.inject or "all", "lr": lr, "epochs": args.epochs,
+        "method": method, "inject": args.inject or "all", "lr": lr, "head_lr": head_lr or lr, "epochs": args.epochs,
         "train": args.max_train, "dev": args.max_dev, "max_length": backbone.max_length,
         "accuracy": round(result.metrics["accuracy"], 4), "best_epoch": result.best_epoch,
         "history": [round(h["accuracy"], 4) for h in result.history],
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-bitfit", type=float, default=2e-3)
-    p.add_argument("--lr-head", type=float, default=1e-2)
+    p.add_argument("--lr-head", type=float, default=1e-2, help="the head-only method's learning rate")
+    p.add_argument("--head-lr", type=float, help="BitFit's head learning rate (default: --lr-bitfit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="/work/runs/llm")

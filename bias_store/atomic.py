@@ -8,8 +8,11 @@ files carry the TMP_PREFIX so that a store opening after a crash can tell them f
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from bitfit.files import fsync_dir, write_atomic
+
+__all__ = ["TMP_PREFIX", "atomic_rename", "atomic_write", "fsync_dir", "is_temp"]
 
 TMP_PREFIX = ".tmp-"
 
@@ -18,30 +21,9 @@ def is_temp(name: str) -> bool:
     return name.startswith(TMP_PREFIX)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a directory's entries (renames, new and removed files) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Replace `path` with `data` so that a crash at any point leaves the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    """Replace `path` with `data` durably; the temporary file carries TMP_PREFIX (see `is_temp`)."""
+    return write_atomic(path, data, prefix=TMP_PREFIX + Path(path).name + ".", durable=True, mkdir=False)
 
 
 def atomic_rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from bitfit.errors import BackboneMismatch, BiasSetFormatError
+from bitfit.files import write_atomic
 from bitfit.layout import BiasLayout
 
 FORMAT = "bitfit-bias-set"
@@ -152,32 +152,8 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return meta
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write a file atomically: a temporary file beside the target, fsynced, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644 & ~_umask())  # mkstemp makes 0600; these files are not secrets
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_bias_set(bias_set: BiasSet, path: str | os.PathLike) -> Path:
     return write_atomic(path, bias_set.to_bytes())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_bias_set(path: str | os.PathLike) -> BiasSet:

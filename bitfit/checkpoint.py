@@ -19,7 +19,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from bitfit.backbone import Backbone
-from bitfit.bias_set import read_metadata, write_atomic
+from bitfit.bias_set import read_metadata
+from bitfit.files import write_atomic
 from bitfit.errors import BackboneMismatch, BiasSetFormatError
 from bitfit.heads import TaskHead, TaskModel
 

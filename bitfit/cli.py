@@ -15,6 +15,7 @@ def add_backbone(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="local Hugging Face model directory (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--inject", help="comma-separated projection names that get zero biases where they have none "
                    "(default: every bias-less linear layer)")
+    p.add_argument("--max-length", type=int, help="tokens per input; longer inputs are truncated (default: 128)")
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
@@ -44,9 +45,13 @@ def load_data(args, task=None):
 
 def load_backbone_from(args):
     from bitfit.backbone import load_backbone
+    from bitfit.errors import BitfitError
 
     inject = args.inject.split(",") if getattr(args, "inject", None) else None
-    return load_backbone(args.backbone, inject=inject)
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and max_length < 2:
+        raise BitfitError(f"--max-length must be at least 2 tokens, not {max_length}")
+    return load_backbone(args.backbone, inject=inject, **({"max_length": max_length} if max_length else {}))
 
 
 def cmd_train(args) -> int:
@@ -59,7 +64,7 @@ def cmd_train(args) -> int:
     data = load_data(args, task=args.task)
     backbone = load_backbone_from(args)
     config = TrainConfig(
-        method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        method=args.method, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size, seed=args.seed,
         max_train=args.max_train, max_dev=args.max_dev, pooling=args.pooling, threads=args.threads, init=args.init,
     )
     result = train(backbone, data, config)
@@ -115,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="bitfit", help="bitfit (default), head, full, and those `bitfit compare` lists")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, help="peak learning rate (default: the method's)")
+    p.add_argument("--head-lr", type=float, help="peak learning rate of the task head (default: --lr)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-train", type=int, help="train on a fixed random subset of this many examples")
     p.add_argument("--max-dev", type=int, help="evaluate on a fixed random subset of this many examples")

@@ -16,14 +16,18 @@ def add_commands(sub) -> None:
     from bitfit.compare import METHOD_ORDER, TASKS
 
     p = sub.add_parser("compare", help="compare training methods on GLUE tasks (resumable; each run in a fresh process)")
-    p.add_argument("--quick", action="store_true", help="fixed small subsets (see COMPARISON.md); under 20 minutes")
+    p.add_argument("--preset", choices=("quick", "medium", "full"), default="full",
+                   help="quick: 256 train examples, 1 epoch, default lrs (under 20 min); medium: 1,000 train examples, "
+                        "3 epochs, a small lr grid per method (about 2.5 h of one core); full: whole train splits "
+                        "(days). Default: %(default)s")
+    p.add_argument("--quick", action="store_const", const="quick", dest="preset", help="same as --preset quick")
     p.add_argument("--glue", default=str(GLUE_DEFAULT), help="folder holding the GLUE task folders (default: %(default)s)")
     p.add_argument("--backbone", help="local Hugging Face model directory (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated (default: %(default)s)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (default: %(default)s)")
     p.add_argument("--lrs", help="'default' (each method's), 'grid' (each method's grid) or comma-separated values "
                    "for every method (default: grid, or default with --quick)")
-    p.add_argument("--results", help="results JSON; a rerun resumes it (default: bench/results/compare_{quick,full}.json)")
+    p.add_argument("--results", help="results JSON; a rerun resumes it (default: bench/results/compare_PRESET.json)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-train", type=int)
     p.add_argument("--max-dev", type=int)
@@ -31,6 +35,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-length", type=int)
     p.add_argument("--threads", type=int, help="torch threads per run (default: 1)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default: 1)")
     p.add_argument("--timeout", type=float, help="seconds one run may take before it is recorded as failed")
     p.add_argument("--report-only", action="store_true", help="train nothing: write the tables and plot from the results")
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do and stop")
@@ -40,27 +45,30 @@ def add_commands(sub) -> None:
 
 
 def settings_from(args):
-    from bitfit.compare import FULL, QUICK
+    from bitfit.compare import PRESETS
 
-    base = QUICK if args.quick else FULL
+    base = PRESETS[args.preset]
     overrides = {k: getattr(args, k) for k in ("epochs", "max_train", "max_dev", "batch_size", "max_length", "threads", "seed")
                  if getattr(args, k) is not None}
     return replace(base, **overrides)
 
 
 def cmd_compare(args) -> int:
-    from bitfit.compare import load_results, plan, run_all, summarise
+    from bitfit.compare import MEDIUM_GRIDS, load_results, plan, run_all, summarise
 
     settings = settings_from(args)
-    mode = "quick" if args.quick else "full"
+    mode = args.preset
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, not {args.jobs}")
     results_path = Path(args.results or RESULTS_DIR / f"compare_{mode}.json")
-    lrs = args.lrs or ("default" if args.quick else "grid")
+    lrs = args.lrs or ("default" if mode == "quick" else "grid")
     if lrs not in ("default", "grid"):
         try:
             lrs = [float(v) for v in lrs.split(",")]
         except ValueError:
             raise ValueError(f"--lrs must be 'default', 'grid' or comma-separated numbers, not {args.lrs!r}") from None
-    runs = plan(args.methods.split(","), args.tasks.split(","), lrs, settings, args.glue, args.backbone)
+    runs = plan(args.methods.split(","), args.tasks.split(","), lrs, settings, args.glue, args.backbone,
+                grids=MEDIUM_GRIDS if mode == "medium" else None)
     if args.dry_run:
         done = load_results(results_path, settings)["runs"]
         for r in runs:
@@ -70,7 +78,8 @@ def cmd_compare(args) -> int:
         results = load_results(results_path, settings)
     else:
         print(f"settings: {settings}")
-        results = run_all(runs, results_path, log_path=results_path.with_suffix(".log"), timeout=args.timeout)
+        results = run_all(runs, results_path, log_path=results_path.with_suffix(".log"), timeout=args.timeout,
+                          jobs=args.jobs)
     summary = summarise(results)
     table = render_markdown(summary, results)
     md = Path(args.markdown or results_path.with_suffix(".md"))

@@ -32,6 +32,7 @@ class TrainConfig:
     method: str = "bitfit"
     epochs: int = 3
     lr: float | None = None  # None: the method's default
+    head_lr: float | None = None  # None: the same as lr. A fresh head from zero knowledge wants more than the biases
     batch_size: int = 32
     warmup: float = 0.06  # share of steps spent warming up
     weight_decay: float = 0.01  # on head and full-FT weight matrices; never on biases
@@ -94,12 +95,23 @@ def loss_fn(outputs: torch.Tensor, labels: torch.Tensor, regression: bool) -> to
     return F.cross_entropy(outputs, labels.long())
 
 
-def param_groups(model: TaskModel, weight_decay: float):
-    decay, no_decay = [], []
+def param_groups(model: TaskModel, weight_decay: float, lr: float | None = None, head_lr: float | None = None) -> list[dict]:
+    """AdamW groups: decay on matrices only; the head at its own learning rate when one is given.
+
+    A group without "lr" takes the optimizer's."""
+    head = {id(p) for p in model.head.parameters()} if head_lr is not None else set()
+    groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((id(p) in head, p.dim() >= 2), []).append(p)
+    out = []
+    for (is_head, matrix), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": weight_decay if matrix else 0.0}
+        rate = head_lr if is_head else lr
+        if rate is not None:
+            group["lr"] = rate
+        out.append(group)
+    return out
 
 
 def start_from(backbone: Backbone, head: TaskHead, spec, path: str) -> None:
@@ -136,7 +148,7 @@ def train(backbone: Backbone, data: TaskData, config: TrainConfig) -> TrainResul
     print(f"method {method.name}: trainable {n_train:,} / {n_total:,} ({pct:.2f} %)")
 
     lr = config.lr if config.lr is not None else method.lr
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, lr, config.head_lr), lr=lr)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, config.warmup))

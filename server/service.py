@@ -99,33 +99,51 @@ class TaskService:
             if generation == self.generation and not force:
                 return []
             wanted = await asyncio.to_thread(self.store.active_versions)
-            changed = []
-            for task, version in wanted.items():
-                if self.active.get(task) == version:
-                    continue
-                try:
-                    await self._ensure((task, version))
-                except Exception as e:  # keep serving the old version of this task; load the others
-                    log.error("cannot load %s version %s from the store: %s", task, version, e)
-                    wanted[task] = self.active.get(task)
-                    continue
-                changed.append(task)
-            for task in set(self.active) - set(wanted):
-                changed.append(task)
-                for key in [k for k in self.labels if k[0] == task]:
-                    await self._evict(key)
-            previous, self.active = self.active, {t: v for t, v in wanted.items() if v is not None}
-            for task, version in previous.items():
-                if self.active.get(task) not in (None, version) and (task, version) in self.labels:
-                    self.inactive[(task, version)] = None
-            for key in self.active.items():
-                self.inactive.pop(key, None)
+            changed = [task for task in set(wanted) | set(self.active) if await self._apply(task, wanted.get(task))]
             await self._trim()
             self.generation = generation
             if changed:
                 self.metrics.reloads.inc(len(changed))
                 log.info("tasks changed in the store: %s", sorted(changed))
             return changed
+
+    async def sync_task(self, task: str) -> bool:
+        """Load just `task`'s active version after a change made through this process (O(1), not O(tasks)).
+
+        The store generation is left alone: changes other processes made meanwhile still reach the
+        next full sync."""
+        async with self._lock:
+            try:
+                version = (await asyncio.to_thread(self.store.task, task)).active
+            except TaskNotFound:
+                version = None
+            changed = await self._apply(task, version)
+            await self._trim()
+            if changed:
+                self.metrics.reloads.inc()
+                log.info("task changed in the store: %s", task)
+            return changed
+
+    async def _apply(self, task: str, version: str | None) -> bool:
+        """Make `version` (None: no task) what answers `task`; the previous version stays resident, inactive."""
+        previous = self.active.get(task)
+        if previous == version:
+            return False
+        if version is None:
+            for key in [k for k in self.labels if k[0] == task]:
+                await self._evict(key)
+            del self.active[task]
+            return True
+        try:
+            await self._ensure((task, version))
+        except Exception as e:  # keep serving the old version of this task
+            log.error("cannot load %s version %s from the store: %s", task, version, e)
+            return False
+        self.active[task] = version
+        self.inactive.pop((task, version), None)
+        if previous is not None and (task, previous) in self.labels:
+            self.inactive[(task, previous)] = None
+        return True
 
     async def _ensure(self, key: Key) -> None:
         if key in self.labels:
@@ -199,26 +217,26 @@ class TaskService:
 
     async def put(self, task: str, data: bytes, activate: bool):
         info = await asyncio.to_thread(self.store.put, task, data, activate=activate)
-        await self.sync(force=True)  # live before the 201 goes out
+        await self.sync_task(task)  # live before the 201 goes out
         return info
 
     async def activate(self, task: str, version: str):
         info = await asyncio.to_thread(self.store.activate, task, version)
-        await self.sync(force=True)
+        await self.sync_task(task)
         return info
 
     async def rollback(self, task: str):
         info = await asyncio.to_thread(self.store.rollback, task)
-        await self.sync(force=True)
+        await self.sync_task(task)
         return info
 
     async def delete_task(self, task: str) -> None:
         await asyncio.to_thread(self.store.delete_task, task)
-        await self.sync(force=True)
+        await self.sync_task(task)
 
     async def delete_version(self, task: str, version: str, force: bool) -> None:
         await asyncio.to_thread(self.store.delete_version, task, version, force=force)
-        await self.sync(force=True)
+        await self.sync_task(task)
         async with self._lock:
             if (task, version) in self.labels and self.active.get(task) != version:
                 await self._evict((task, version))

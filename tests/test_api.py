@@ -234,6 +234,19 @@ def test_upload_through_one_server_reaches_the_other_within_a_second(api, peer, 
         time.sleep(0.05)
 
 
+def test_an_upload_goes_live_without_reading_every_task_in_the_store(api, uploaded, backbone, monkeypatch):
+    store = api.app.state.service.store
+    scans = []
+    monkeypatch.setattr(store, "active_versions", lambda: scans.append(1) or {})  # the O(tasks) scan
+    monkeypatch.setattr(store, "generation", lambda: api.app.state.service.generation)  # keep the poller quiet
+    v = api.put("/tasks/quick", content=random_bias_set(backbone, "quick", seed=71).to_bytes(), headers=ADMIN)
+    assert v.status_code == 201 and predict(api, "quick", TEXTS[:1])["version"] == v.json()["version"]
+    assert api.post("/tasks/quick/rollback", headers=ADMIN).status_code == 409  # nothing to roll back to
+    assert api.delete("/tasks/quick", headers=ADMIN).status_code == 200
+    assert api.post("/predict", params={"task": "quick"}, json={"inputs": TEXTS[:1]}).status_code == 404
+    assert scans == []
+
+
 def test_delete_task_stops_serving_it(api, backbone):
     api.put("/tasks/doomed", content=random_bias_set(backbone, "doomed", seed=51).to_bytes(), headers=ADMIN)
     assert predict(api, "doomed", TEXTS[:1])

@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from bitfit import compare
-from bitfit.compare import QUICK, Settings, best_runs, load_results, plan, run_all, run_key, summarise
+from bitfit.compare import MEDIUM, MEDIUM_GRIDS, QUICK, Settings, best_runs, load_results, plan, run_all, run_key, summarise
 from bitfit.errors import BitfitError
 
 TASKS = list(compare.TASKS)
@@ -79,6 +79,44 @@ def test_rerun_resumes_and_retries_only_what_failed(fake_glue, tmp_path, monkeyp
     assert sorted(calls) == ["full/rte/5e-05", "full/sst2/5e-05"]
     assert len(second["runs"]) == 4 and second["failed"] == {}
     assert not list(tmp_path.glob(".results.json.*")), "no temporary file left behind"
+
+
+def test_a_preset_grid_replaces_the_methods_grids_and_its_first_value_is_tried_first(fake_glue):
+    runs = plan(["bitfit", "head"], ["sst2", "rte"], "grid", MEDIUM, fake_glue, grids=MEDIUM_GRIDS)
+    keys = [r.key for r in runs]
+    assert keys[:4] == ["bitfit/sst2/0.005", "head/sst2/0.01", "bitfit/rte/0.005", "head/rte/0.01"]
+    assert sorted({r.lr for r in runs if r.method == "bitfit"}) == sorted(MEDIUM_GRIDS["bitfit"])
+    defaults = plan(["bitfit"], ["sst2"], "default", MEDIUM, fake_glue, grids=MEDIUM_GRIDS)
+    assert [r.lr for r in defaults] == [MEDIUM_GRIDS["bitfit"][0]]
+
+
+def test_parallel_jobs_record_every_run_once_like_one_job(fake_glue, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    running, most = set(), 0
+    guard = threading.Lock()
+
+    def fake_child(spec, log_path=None, timeout=None):
+        nonlocal most
+        with guard:
+            running.add(spec.key)
+            most = max(most, len(running))
+        time.sleep(0.02)
+        with guard:
+            running.discard(spec.key)
+        if spec.key == "full/rte/5e-05":
+            raise BitfitError("child exited with -9")
+        return entry(spec.method, spec.task, spec.lr, 0.5)
+
+    monkeypatch.setattr(compare, "run_in_child", fake_child)
+    runs = plan(["bitfit", "full", "head"], TASKS, "default", QUICK, fake_glue)
+    serial = run_all(runs, tmp_path / "one.json", echo=lambda *_: None)
+    parallel = run_all(runs, tmp_path / "three.json", echo=lambda *_: None, jobs=3)
+    assert most == 3, "three runs were in flight at once"
+    assert parallel["runs"] == serial["runs"] and len(parallel["runs"]) == len(runs) - 1
+    assert list(parallel["failed"]) == ["full/rte/5e-05"]
+    assert json.loads((tmp_path / "three.json").read_text()) == parallel
 
 
 def test_results_made_with_other_settings_are_refused_and_left_unchanged(tmp_path):

@@ -70,6 +70,39 @@ def test_training_is_reproducible_for_a_seed(minilm_backbone, tmp_path):
     assert torch.equal(a.head["out.weight"], b.head["out.weight"])
 
 
+def test_head_lr_trains_the_head_at_its_own_rate(minilm_backbone, tmp_path):
+    import copy
+
+    from bitfit.heads import TaskModel
+    from bitfit.train import param_groups
+
+    data = tiny_sentiment(tmp_path)
+
+    def run(lr, head_lr):
+        bb = copy.deepcopy(minilm_backbone)
+        result = train(bb, data, TrainConfig(epochs=1, batch_size=8, lr=lr, head_lr=head_lr, seed=1))
+        return bb.layout.gather(bb.model) - bb.original, result.model.head.out.weight.detach().clone()
+
+    untouched_biases, initial_head = run(0.0, 0.0)  # nothing moves: the seeded initial head
+    biases, head = run(1e-2, 0.0)
+    assert torch.equal(head, initial_head) and untouched_biases.abs().max() == 0
+    assert biases.abs().max() > 0, "the biases trained at lr while the head stood still"
+    _, moved_head = run(1e-2, 1e-1)
+    assert not torch.equal(moved_head, initial_head)
+
+    model = TaskModel(minilm_backbone.model, train(copy.deepcopy(minilm_backbone), data,
+                                                   TrainConfig(epochs=1, lr=0.0)).model.head)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    groups = param_groups(model, 0.01, lr=1e-3, head_lr=5e-2)
+    head_ids = {id(p) for p in model.head.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())), "every parameter in one group"
+    for g in groups:
+        assert g["lr"] == (5e-2 if id(g["params"][0]) in head_ids else 1e-3)
+        assert len({id(p) in head_ids for p in g["params"]}) == 1
+        assert g["weight_decay"] == (0.01 if g["params"][0].dim() >= 2 else 0.0)
+
+
 def test_init_starts_from_a_saved_bias_set_and_refuses_another_task_shape(fresh_minilm, tmp_path):
     from bitfit.errors import DataError
     from bitfit.heads import TaskHead
