@@ -5,7 +5,7 @@
 #   docker build --build-arg TORCH_FLAVOUR=cu128 -t bitfit-serve:cuda .  CUDA PyTorch, run with --gpus all
 #   docker build --network none --build-arg PIP_SOURCE=wheelhouse .     offline, from docker/wheelhouse/
 #                                                                        (docker/make-wheelhouse.sh fills it)
-# docs/notes/docker.md has the rest: running it, compose, the CI check.
+# README.md, "Docker", has the rest: running it, compose, the CI check.
 
 # The same Debian release and Python (3.11) as the machines that build the wheelhouse. CI makes a stand-in for this
 # image with debootstrap (docker/make-base-image.sh), since it reaches no registry.

@@ -2,9 +2,9 @@
 
 Both use bitfit.train.train (the loop behind `bitfit train`) on the same fixed subsets, and each writes
 its bias set, so the results can be served. Prints one table row per run and appends it as JSON to
-OUT/results.jsonl. Sized for 2 shared CPU cores; see docs/notes/llm.md for the numbers.
+OUT/results.jsonl. Sized for 2 shared CPU cores; the numbers are in COMPARISON.md and the README.
 
-    PYTHONUNBUFFERED=1 .venv/bin/python bench/llm_sst2.py --out /work/runs/llm
+    PYTHONUNBUFFERED=1 .venv/bin/python bench/llm_sst2.py     # rows -> bench/results/llm_sst2/results.jsonl
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def run(method: str, args, data) -> dict:
         "bias_slots": len(backbone.layout.slots), "bias_scalars": backbone.layout.size,
         "train_s": round(result.seconds, 1), "step_s": round(result.step_seconds / max(result.steps, 1), 2),
         "load_s": round(load_s, 1), "bias_set": str(out),
+        "command": " ".join(["bench/llm_sst2.py", *sys.argv[1:]]),
     }
     with open(Path(args.out) / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-lr", type=float, help="BitFit's head learning rate (default: --lr-bitfit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="/work/runs/llm")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "llm_sst2"),
+                   help="folder for results.jsonl (appended) and the bias sets (git-ignored)")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -5,23 +5,19 @@ The package knows nothing about HTTP or storage: it finds bias slots in any Hugg
 (`train`, `evaluate`) and reads and writes the `BiasSet` artifact (`bias_set`).
 """
 
-from bitfit.bias_set import BiasSet, load_bias_set, save_bias_set
-from bitfit.errors import BackboneMismatch, BiasSetFormatError, BitfitError, DataError
-from bitfit.inject import apply_bitfit, inject_biases
-from bitfit.layout import BiasLayout, BiasSlot, find_slots, layout_of
+from importlib import import_module
 
-__all__ = [
-    "BiasLayout",
-    "BiasSet",
-    "BiasSlot",
-    "BackboneMismatch",
-    "BiasSetFormatError",
-    "BitfitError",
-    "DataError",
-    "apply_bitfit",
-    "find_slots",
-    "inject_biases",
-    "layout_of",
-    "load_bias_set",
-    "save_bias_set",
-]
+# Loaded on first use, so that `bitfit push` and other client commands start without importing torch.
+_WHERE = {
+    "BiasSet": "bias_set", "load_bias_set": "bias_set", "save_bias_set": "bias_set",
+    "BackboneMismatch": "errors", "BiasSetFormatError": "errors", "BitfitError": "errors", "DataError": "errors",
+    "apply_bitfit": "inject", "inject_biases": "inject",
+    "BiasLayout": "layout", "BiasSlot": "layout", "find_slots": "layout", "layout_of": "layout",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"bitfit.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'bitfit' has no attribute {name!r}")

@@ -94,11 +94,15 @@ class TaskService:
 
     async def sync(self, force: bool = False) -> list[str]:
         """Load what changed in the store since last time; returns the tasks whose active version changed."""
+        generation = await asyncio.to_thread(self.store.generation)  # read first: a later change re-triggers
+        if generation == self.generation and not force:
+            return []
+        # the O(tasks) scan runs outside the lock, so an admin call's sync_task never queues behind it
+        wanted = await asyncio.to_thread(self.store.active_versions)
         async with self._lock:
-            generation = await asyncio.to_thread(self.store.generation)  # read first: a later change re-triggers
-            if generation == self.generation and not force:
-                return []
-            wanted = await asyncio.to_thread(self.store.active_versions)
+            now = await asyncio.to_thread(self.store.generation)
+            if now != generation:  # the store changed during the scan: read it again, holding the lock (rare)
+                generation, wanted = now, await asyncio.to_thread(self.store.active_versions)
             changed = [task for task in set(wanted) | set(self.active) if await self._apply(task, wanted.get(task))]
             await self._trim()
             self.generation = generation

@@ -148,3 +148,21 @@ def test_render_from_saved_json_prints_the_tables_and_writes_the_plot(tmp_path, 
     assert serving.main(["--render", str(saved), "--no-markdown"]) == 0
     assert "### 1. Swap cost" in capsys.readouterr().out
     assert (tmp_path / "serving.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_upload_live_benchmark_runs_a_real_server_and_keeps_text_outside_its_block(tmp_path, monkeypatch):
+    import upload_live as ul
+
+    out = tmp_path / "upload.json"
+    bench_md = tmp_path / "BENCHMARKS.md"
+    bench_md.write_text("# notes kept\n\n" + ul.BEGIN + "\nold numbers\n" + ul.END + "\n\ntrailing notes kept\n")
+    monkeypatch.setattr(ul, "REPO", tmp_path)
+    assert ul.main(["--tasks", "1,3", "--reps", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tasks"] for r in rows] == [1, 3]
+    for r in rows:
+        assert 0 < r["put_ms"] < r["total_ms"] and r["one_task_ms"] > 0 and r["ready_s"] >= 0
+    text = bench_md.read_text()
+    assert text.startswith("# notes kept") and text.rstrip().endswith("trailing notes kept")
+    assert "old numbers" not in text and "| 3 |" in text and text.count(ul.BEGIN) == 1

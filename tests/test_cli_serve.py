@@ -163,3 +163,12 @@ def test_upload_through_one_process_reaches_the_other_within_a_second(server, re
             assert e.status == 404, e
         assert time.monotonic() - start < 1.0, f"{target} did not pick up version {version} within a second"
         time.sleep(0.05)
+
+
+def test_client_commands_start_without_importing_torch():
+    code = ("import sys; from bitfit.cli import main\n"
+            "try:\n    main(['list', '--url', 'http://127.0.0.1:9'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout + out.stderr
+    assert "cannot reach http://127.0.0.1:9" in out.stderr
