@@ -154,11 +154,11 @@ def engine_section(backbone, sets, sz: Sizes, tmp: Path) -> tuple[dict, object]:
 
 # -- 3: child processes --------------------------------------------------------------------------------------
 
-MEMORY_KINDS = ("bank", "bank-chunked", "peft", "copies")
+MEMORY_KINDS = ("bank", "bank-doubling", "peft", "copies")
 
 
 def memory_section(sz: Sizes, threads: int, kinds: tuple[str, ...] = MEMORY_KINDS) -> dict:
-    counts = {"bank": sz.memory_counts, "bank-chunked": sz.memory_counts, "peft": sz.peft_memory_counts,
+    counts = {"bank": sz.memory_counts, "bank-doubling": sz.memory_counts, "peft": sz.peft_memory_counts,
               "copies": sz.copies_memory_counts}
     out = {}
     for kind in kinds:
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
             stack.callback(pool.shutdown)
             fill = pool.submit(sh.fill_store, tmp / "store", backbone.layout, sets[: max(sz.http_tasks)])
         if "memory" in sections:
-            results["memory"] = memory_section(sz, args.threads, ("bank", "bank-chunked"))
+            results["memory"] = memory_section(sz, args.threads, ("bank", "bank-doubling"))
             save(partial=True)
         if "http" in sections:
             fill_s = fill.result()

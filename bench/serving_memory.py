@@ -5,9 +5,10 @@ the benchmark holds (other models, other banks) counts in it.
 
 Prints one JSON line: the process RSS after the backbone is loaded and has run one forward (count 0), then
 after each count of resident tasks, with the raw bytes one task's tensors take. Kinds:
-- bank:         our engine as shipped: tasks loaded into its `BiasBank`;
-- bank-chunked: the same, with the bank's table growing by 1/8 instead of doubling (a suggested patch,
-                monkeypatched here only);
+- bank:          our engine as shipped: tasks loaded into its `BiasBank` (table grown by 1/8, mmap threshold pinned);
+- bank-reserved: as shipped, loading a whole store at start: the server reserves the rows in one go;
+- bank-doubling: the engine as it was before: the table doubling, glibc's default (sliding) mmap threshold,
+                 monkeypatched here only, for comparison;
 - peft:         PEFT LoRA adapters (rank 8 on query/value), one per task, added to one model;
 - copies:       one full copy of the model per task.
 """
@@ -39,13 +40,12 @@ def settle() -> int:
     return rss_bytes()
 
 
-def chunked_grow(bank) -> None:
-    """BiasBank._grow, growing the row table by 1/8 (at least 8 rows) instead of doubling."""
+def doubling_grow(bank, capacity=None) -> None:
+    """BiasBank._grow as it was: double the row table."""
     old = bank.rows
-    new_cap = old.shape[0] + max(8, old.shape[0] // 8)
-    bank.rows = torch.zeros(new_cap, old.shape[1], device=bank.device, dtype=bank.dtype)
+    bank.rows = torch.zeros(max(capacity or 0, old.shape[0] * 2), old.shape[1], device=bank.device, dtype=bank.dtype)
     bank.rows[: old.shape[0]].copy_(old)
-    bank._free.extend(range(new_cap - 1, old.shape[0] - 1, -1))
+    bank._free = list(range(bank.rows.shape[0] - 1, old.shape[0] - 1, -1)) + bank._free
 
 
 def probe(kind: str, counts: list[int]) -> dict:
@@ -54,18 +54,22 @@ def probe(kind: str, counts: list[int]) -> dict:
     backbone = minilm()
     encoded = backbone.encode(["a short warm-up sentence for the allocator"] * 8)
     points, raw, extra = [], 0, {}
-    if kind in ("bank", "bank-chunked"):
-        from server.bank import BiasBank
+    if kind in ("bank", "bank-reserved", "bank-doubling"):
+        from server.bank import BiasBank, pin_mmap_threshold
         from server.engine import Engine
 
-        if kind == "bank-chunked":
-            BiasBank._grow = chunked_grow
+        if kind == "bank-doubling":
+            BiasBank._grow = doubling_grow
+        else:
+            pin_mmap_threshold()  # as `bitfit serve` does
         engine = Engine(backbone, max_batch=32)
         with torch.inference_mode():
             engine.model(**encoded)
         base = settle()
         loaded = 0
         for c in counts:
+            if kind == "bank-reserved":
+                engine.bank.reserve(c)  # what TaskService.sync does before loading new tasks
             while loaded < c:
                 engine.bank.load(loaded, random_bias_set(backbone, f"t{loaded}", seed=loaded))
                 loaded += 1
@@ -118,7 +122,7 @@ def probe(kind: str, counts: list[int]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kind", required=True, choices=["bank", "bank-chunked", "peft", "copies"])
+    p.add_argument("--kind", required=True, choices=["bank", "bank-reserved", "bank-doubling", "peft", "copies"])
     p.add_argument("--counts", default="0,100,1000,10000")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

@@ -52,7 +52,7 @@ def verdicts(r: dict) -> list[tuple[str, str, str]]:
             rows.append((f"{t}-task traffic ≥ {GOALS['mixed_100']}× single-task, through HTTP (gather)", f"{v:.3f}×",
                          _verdict(v, GOALS["mixed_100"], False)))
     if m:
-        for kind, label in (("bank", "as shipped"), ("bank-chunked", "table grown by 1/8 (suggested patch)")):
+        for kind, label in (("bank", "as shipped"), ("bank-doubling", "before: table doubling, default mmap threshold")):
             pts = [p for p in m.get(kind, {}).get("points", []) if p["count"]]
             if pts:
                 worst = max(p["per_task_x_raw"] for p in pts)
@@ -161,7 +161,7 @@ def markdown(r: dict, png: Path | str | None = None, json_path: Path | str | Non
                    "the backbone and running one forward (0 tasks), then after loading the tasks. Bytes per task = "
                    "RSS growth / tasks; raw = the bytes of one task's tensors.\n")
         rows = []
-        for kind, label in (("bank", "ours, as shipped"), ("bank-chunked", "ours, table grown by 1/8 (patch)"),
+        for kind, label in (("bank", "ours, as shipped"), ("bank-doubling", "ours before: table doubling"),
                             ("peft", "PEFT LoRA r=8 q/v (adapter only)"), ("copies", "one model copy per task")):
             d = m.get(kind)
             if not d:
@@ -285,7 +285,7 @@ def plot(r: dict, path: Path) -> None:
     ax = axes[1]
     if m:
         labels, vals, raws = [], [], []
-        for kind, name in (("bank", "ours"), ("bank-chunked", "ours\n1/8 growth"), ("peft", "PEFT"), ("copies", "copy")):
+        for kind, name in (("bank", "ours"), ("bank-doubling", "ours before\n(doubling)"), ("peft", "PEFT"), ("copies", "copy")):
             d = m.get(kind)
             for p in (d or {}).get("points", []):
                 if p["count"]:

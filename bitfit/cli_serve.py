@@ -25,6 +25,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from server.app import build_engine, create_app
+    from server.bank import pin_mmap_threshold
     from server.settings import Settings
 
     given = {
@@ -33,6 +34,7 @@ def cmd_serve(args) -> int:
         "max_wait_ms": args.max_wait_ms,
     }  # fmt: skip
     settings = Settings(**{k: v for k, v in given.items() if v is not None}, **({"seed": False} if args.no_seed else {}))
+    pin_mmap_threshold()  # before the bank allocates anything
     print(f"bitfit serve: loading the backbone on {settings.device} ({settings.dtype}) ...", file=sys.stderr)
     engine = build_engine(settings)  # fail here, with a clear message, rather than inside uvicorn
     if settings.token() is None:

@@ -1,14 +1,17 @@
 """The bias bank: resident tasks on the device, one row of absolute biases per task version, plus its head.
 
 A key is whatever the caller uses to name a task version (the server uses `(task, version)`); the
-engine only ever sees row numbers. Rows are reused after an eviction, and the table grows by doubling,
-which reallocates the bank but never the backbone. Everything is checked and built before the bank is
+engine only ever sees row numbers. Rows are reused after an eviction, and the table grows by 1/8 (at least
+8 rows), or to an exact size with `reserve`, which reallocates the bank but never the backbone. (Doubling
+would leave up to half the table unused: 1.6× the bytes at 10,000 tasks, measured in BENCHMARKS.md.) Everything is checked and built before the bank is
 touched, so a bad bias set costs nothing already resident (load before evict). Load and evict are
 idempotent. The bank is not thread-safe: one thread (the batcher's worker) owns it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -49,6 +52,24 @@ def head_problems(bias_set: BiasSet, hidden: int, has_pooler: bool) -> list[str]
     elif bias_set.pooling == "pooler" and not has_pooler:
         problems.append("pooling 'pooler' needs a backbone with a pre-trained pooler, and this one has none")
     return problems
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def pin_mmap_threshold(nbytes: int = 65536) -> bool:
+    """Fix glibc's mmap threshold, so that reallocated bank tables go back to the OS (call once per process).
+
+    glibc raises the threshold every time a large block is freed, after which big tables come from the heap and
+    the old ones stay there: 2.1x the raw bytes per task at 10,000 tasks instead of 1.1x (BENCHMARKS.md).
+    An explicit MALLOC_MMAP_THRESHOLD_ wins; returns whether the threshold is now fixed.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return True
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to pin
+        return False
 
 
 class BiasBank:
@@ -127,8 +148,18 @@ class BiasBank:
         self.generation += 1
         return True
 
-    def _grow(self) -> None:
+    @property
+    def capacity(self) -> int:
+        return self.rows.shape[0]
+
+    def reserve(self, rows: int) -> None:
+        """Make room for `rows` resident versions in one reallocation (no-op if there is room already)."""
+        if rows > self.capacity:
+            self._grow(rows)
+
+    def _grow(self, capacity: int | None = None) -> None:
         old = self.rows
-        self.rows = torch.zeros(old.shape[0] * 2, old.shape[1], device=self.device, dtype=self.dtype)
-        self.rows[: old.shape[0]].copy_(old)
-        self._free.extend(range(self.rows.shape[0] - 1, old.shape[0] - 1, -1))
+        n = old.shape[0]
+        self.rows = torch.zeros(capacity or n + max(8, n // 8), old.shape[1], device=self.device, dtype=self.dtype)
+        self.rows[:n].copy_(old)
+        self._free = list(range(self.rows.shape[0] - 1, n - 1, -1)) + self._free  # new rows after the freed ones

@@ -103,6 +103,9 @@ class TaskService:
             now = await asyncio.to_thread(self.store.generation)
             if now != generation:  # the store changed during the scan: read it again, holding the lock (rare)
                 generation, wanted = now, await asyncio.to_thread(self.store.active_versions)
+            new = sum((task, version) not in self.labels for task, version in wanted.items())
+            if new > 1:  # one reallocation for a whole store at start, not one per 1/8 growth
+                await self.batcher.call(self._on_worker, self.bank.reserve, len(self.labels) + new)
             changed = [task for task in set(wanted) | set(self.active) if await self._apply(task, wanted.get(task))]
             await self._trim()
             self.generation = generation

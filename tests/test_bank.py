@@ -66,6 +66,24 @@ def test_growing_past_capacity_keeps_every_resident_row(bank, backbone):
         torch.testing.assert_close(bank.rows[bank.row(name)], backbone.original + bias_set.delta)
 
 
+def test_the_table_grows_by_an_eighth_and_reserve_sizes_it_exactly(backbone):
+    bank = BiasBank(backbone.layout, backbone.original, backbone.hidden_size, capacity=64)
+    sets = [random_bias_set(backbone, f"t{i}", seed=i) for i in range(66)]
+    for i, bias_set in enumerate(sets[:65]):
+        bank.load(f"t{i}", bias_set)
+    assert bank.capacity == 72, "64 + 64/8: never twice what is needed"
+    bank.evict("t3")
+    bank.reserve(100)
+    assert bank.capacity == 100
+    bank.load("t65", sets[65])
+    assert bank.row("t65") == 3, "a freed row is used before the new ones"
+    bank.reserve(10)
+    assert bank.capacity == 100, "reserve never shrinks"
+    for i in [*range(3), *range(4, 66)]:
+        torch.testing.assert_close(bank.rows[bank.row(f"t{i}")], backbone.original + sets[i].delta)
+    assert len(set(bank.row(k) for k in bank.keys())) == len(bank) == 65
+
+
 def bad_sets(backbone):
     good = random_bias_set(backbone, "bad")
     return {
@@ -109,3 +127,16 @@ def test_bank_rows_take_the_engine_dtype(backbone):
     assert bank.rows.dtype == torch.bfloat16
     # the sum is taken in float32 and rounded once
     torch.testing.assert_close(bank.rows[bank.row("a")], (backbone.original + bias_set.delta).to(torch.bfloat16))
+
+
+def test_mmap_threshold_is_pinned_on_glibc_and_an_explicit_setting_wins(monkeypatch):
+    import platform
+
+    from server.bank import pin_mmap_threshold
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    monkeypatch.setattr("ctypes.CDLL", lambda *_: pytest.fail("must not override an explicit setting"))
+    assert pin_mmap_threshold() is True
+    monkeypatch.undo()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert pin_mmap_threshold() is (platform.libc_ver()[0] == "glibc")
