@@ -18,7 +18,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("compare", help="compare training methods on GLUE tasks (resumable; each run in a fresh process)")
     p.add_argument("--preset", choices=("quick", "medium", "full"), default="full",
                    help="quick: 256 train examples, 1 epoch, default lrs (under 20 min); medium: 1,000 train examples, "
-                        "3 epochs, a small lr grid per method (about 2.5 h of one core); full: whole train splits "
+                        "3 epochs, a small lr grid per method (about 2.5 h with --jobs 2 on 2 cores); full: whole train splits "
                         "(days). Default: %(default)s")
     p.add_argument("--quick", action="store_const", const="quick", dest="preset", help="same as --preset quick")
     p.add_argument("--glue", default=str(GLUE_DEFAULT), help="folder holding the GLUE task folders (default: %(default)s)")
@@ -87,7 +87,7 @@ def cmd_compare(args) -> int:
     print(table)
     png = Path(args.plot or results_path.with_suffix(".png"))
     if summary["methods"]:
-        plot(summary, png, title=f"MiniLM on GLUE dev ({mode})")
+        plot(summary, png, title=f"{args.backbone or 'MiniLM'} on GLUE dev ({mode})")
         print(f"wrote {md} and {png}")
     return 0
 
@@ -112,7 +112,8 @@ def render_markdown(summary: dict, results: dict) -> str:
     metric = {t: next((r["runs"][t]["metric"] for r in rows.values() if t in r["runs"]), "") for t in tasks}
     full_avg = rows.get("full", {}).get("average")
     out = [f"Settings: `{results['settings']}`; {len(results['runs'])} runs"
-           + (f", torch {any_run['torch']}, {any_run['threads']} thread(s) per run" if any_run else "") + ".", ""]
+           + (f", torch {any_run['torch']}, {any_run['threads']} thread(s) per run" if any_run else "")
+           + (f", backbone {any_run['backbone']}" if any_run and "backbone" in any_run else "") + ".", ""]
     head = ["method", "trainable", "share %"] + [f"{TASKS[t]} {METRIC_NAMES.get(metric[t], metric[t])}" for t in tasks]
     head += ["average", "% of full", "s/step", "peak RSS MiB", "RSS growth MiB", "optimizer state MiB"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
