@@ -293,7 +293,7 @@ def main(argv=None) -> int:
             save(partial=True)
         if "http" in sections:
             fill_s = fill.result()
-            scan_ms = sh.store_scan_ms(tmp / "store", backbone.layout)
+            scan_ms = sh.store_read_ms(tmp / "store", backbone.layout)
             (tmp / "small-store").mkdir()
             servers = start_servers(stack, sz, args.threads, tmp)  # they load while the last probes run
         if "memory" in sections:

@@ -24,14 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
 
 
-def store_scan_ms(root: Path, layout, reps: int = 3) -> float:
-    """Median milliseconds of `BiasStore.active_versions()` (what every server-side sync reads) on this store."""
+def store_read_ms(root: Path, layout, read: str = "active_versions", *args, reps: int = 3) -> float:
+    """Median milliseconds of one `BiasStore` read on this store (default: `active_versions()`, the
+    whole-store scan every server-side sync does; `"task", NAME`: one task's state)."""
     from bias_store import BiasStore
 
-    store, times = BiasStore(root, layout), []
+    fn, times = getattr(BiasStore(root, layout), read), []
     for _ in range(reps):
         start = time.perf_counter()
-        store.active_versions()
+        fn(*args)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 

@@ -68,7 +68,7 @@ def verdicts(r: dict) -> list[tuple[str, str, str]]:
                          "201 received → first answer by the new version",
                          f"median {u['live_ms']:.1f} ms (a prediction alone: {u['predict_ms']:.1f} ms)",
                          _verdict(u["live_ms"], GOALS["upload_ms"], True)))
-            rows.append((f"… the same, counted from the moment the PUT is sent",
+            rows.append(("… the same, counted from the moment the PUT is sent",
                          f"median {u['total_ms']:.1f} ms, max {u['total_max_ms']:.1f} ms",
                          _verdict(u["total_ms"], GOALS["upload_ms"], True)))
     if e:
@@ -241,11 +241,11 @@ def console(r: dict) -> str:
     return markdown(r)
 
 
-def write_block(path: Path, block: str) -> None:
-    """Replace the marked block in `path` (or append it), keeping everything outside the markers."""
+def write_block(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between `begin` and `end` in `path` (or append it), keeping everything outside them."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    new = f"{BEGIN}\n{block.rstrip()}\n{END}"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    new = f"{begin}\n{block.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: new, text)
     else:

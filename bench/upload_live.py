@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
-import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,25 +25,10 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import serving_engine as se  # noqa: E402
 import serving_http as sh  # noqa: E402
+import serving_report as sr  # noqa: E402
 
 BEGIN = "<!-- upload:begin (written by bench/upload_live.py; edit outside these markers) -->"
 END = "<!-- upload:end -->"
-
-
-def store_reads_ms(root: Path, layout, task: str, reps: int = 5) -> dict:
-    from bias_store import BiasStore
-
-    store = BiasStore(root, layout)
-
-    def med(fn) -> float:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return {"scan_ms": med(store.active_versions), "one_task_ms": med(lambda: store.task(task))}
 
 
 def measure(backbone, n_tasks: int, reps: int, threads: int, tmp: Path) -> dict:
@@ -57,7 +39,9 @@ def measure(backbone, n_tasks: int, reps: int, threads: int, tmp: Path) -> dict:
         payloads = [se.random_bias_set(backbone, "t0", seed=90_000 + i, scale=0.05).to_bytes() for i in range(reps)]
         texts, _ = se.load_texts(1)
         row = sh.upload_to_live(url, "t0", payloads, texts[0])
-    return row | store_reads_ms(root, backbone.layout, "t0") | {"tasks": n_tasks, "fill_s": fill_s, "ready_s": ready_s}
+    reads = {"scan_ms": sh.store_read_ms(root, backbone.layout, reps=5),
+             "one_task_ms": sh.store_read_ms(root, backbone.layout, "task", "t0", reps=5)}
+    return row | reads | {"tasks": n_tasks, "fill_s": fill_s, "ready_s": ready_s}
 
 
 def render(results: dict) -> str:
@@ -70,14 +54,6 @@ def render(results: dict) -> str:
         lines.append(f"| {r['tasks']:,} | {r['put_ms']:.1f} | {r['live_ms']:.1f} | {r['total_ms']:.1f} | "
                      f"{r['total_max_ms']:.1f} | {r['predict_ms']:.1f} | {r['scan_ms']:.1f} | {r['one_task_ms']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def write_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    new = f"{BEGIN}\n{block.rstrip()}\n{END}"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: new, text) if pattern.search(text) else text.rstrip() + "\n\n" + new + "\n"
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -104,7 +80,7 @@ def main(argv=None) -> int:
     table = render(results)
     print(table)
     if not args.no_markdown:
-        write_block(REPO / "BENCHMARKS.md", table)
+        sr.write_block(REPO / "BENCHMARKS.md", table, BEGIN, END)
     return 0
 
 

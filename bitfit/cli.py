@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 
 def add_backbone(p: argparse.ArgumentParser) -> None:
@@ -61,12 +60,12 @@ def cmd_train(args) -> int:
     from bitfit.train import TrainConfig, to_bias_set, train
 
     method = get_method(args.method)
-    data = load_data(args, task=args.task)
-    backbone = load_backbone_from(args)
     config = TrainConfig(
         method=args.method, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size, seed=args.seed,
         max_train=args.max_train, max_dev=args.max_dev, pooling=args.pooling, threads=args.threads, init=args.init,
     )
+    data = load_data(args, task=args.task)
+    backbone = load_backbone_from(args)
     result = train(backbone, data, config)
     if method.servable:
         save_bias_set(to_bias_set(backbone, data, result, config), args.out)

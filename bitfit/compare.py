@@ -148,26 +148,27 @@ def run_all(runs: list[RunSpec], path: Path, log_path: Path | None = None, timeo
         nonlocal finished
         t0 = time.perf_counter()
         try:
-            entry = run_in_child(spec, log_path, timeout)
+            entry, error = run_in_child(spec, log_path, timeout), None
         except BitfitError as e:
-            with lock:
-                finished += 1
-                results["failed"][spec.key] = {"error": str(e), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                save_results(results, path)
-                echo(f"[{finished}/{len(todo)}] {spec.key}: FAILED: {e}")
-            return
+            entry, error = None, e
         with lock:
             finished += 1
-            results["runs"][spec.key] = entry
-            results["failed"].pop(spec.key, None)
+            if error is None:
+                results["runs"][spec.key] = entry
+                results["failed"].pop(spec.key, None)
+            else:
+                results["failed"][spec.key] = {"error": str(error), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             save_results(results, path)
+            if error is not None:
+                echo(f"[{finished}/{len(todo)}] {spec.key}: FAILED: {error}")
+                return
             elapsed = time.perf_counter() - start
             echo(f"[{finished}/{len(todo)}] {spec.key}: {entry['metric']}={100 * entry['score']:.2f} "
                  f"step {entry['step_seconds']:.3f} s, peak RSS {entry['peak_rss'] / 2**20:.0f} MiB, "
                  f"{time.perf_counter() - t0:.0f} s (total {elapsed:.0f} s, "
                  f"about {elapsed / finished * (len(todo) - finished) / 60:.0f} min to go)")
 
-    if jobs <= 1:
+    if jobs <= 1:  # in this thread, so Ctrl-C reaches subprocess.run and stops the child at once
         for spec in todo:
             one(spec)
     else:

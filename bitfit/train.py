@@ -45,6 +45,12 @@ class TrainConfig:
     dropout: float = 0.1
     threads: int | None = None
 
+    def __post_init__(self):
+        for name in ("lr", "head_lr"):  # refused here, before any data or model is loaded
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a number ≥ 0, not {value}")
+
 
 @dataclass
 class TrainResult:

@@ -3,8 +3,8 @@
 A key is whatever the caller uses to name a task version (the server uses `(task, version)`); the
 engine only ever sees row numbers. Rows are reused after an eviction, and the table grows by 1/8 (at least
 8 rows), or to an exact size with `reserve`, which reallocates the bank but never the backbone. (Doubling
-would leave up to half the table unused: 1.6× the bytes at 10,000 tasks, measured in BENCHMARKS.md.) Everything is checked and built before the bank is
-touched, so a bad bias set costs nothing already resident (load before evict). Load and evict are
+would leave up to half the table unused; BENCHMARKS.md, memory per task.) Everything is checked and built
+before the bank is touched, so a bad bias set costs nothing already resident (load before evict). Load and evict are
 idempotent. The bank is not thread-safe: one thread (the batcher's worker) owns it.
 """
 

@@ -201,3 +201,12 @@ def test_one_real_run_in_a_child_process_measures_its_own_costs(glue_dir, tmp_pa
     assert 8 * (e["trainable"] - 384) <= e["optimizer_bytes"] <= 8 * e["trainable"] + 4 * 60
     assert e["peak_rss"] >= e["rss_before"] > 100 * 2**20 and e["step_seconds"] > 0
     assert e["threads"] == 1
+
+
+def test_compare_refuses_a_job_count_below_one_and_writes_nothing(fake_glue, tmp_path, capsys):
+    from bitfit.cli import main
+
+    results = tmp_path / "out" / "results.json"
+    assert main(["compare", "--jobs", "0", "--glue", str(fake_glue), "--results", str(results)]) == 2
+    assert "--jobs must be at least 1, not 0" in capsys.readouterr().err
+    assert not results.parent.exists()

@@ -7,7 +7,6 @@ The first run converts the GGUF file into the cache (about 90 s, once); later ru
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import importlib.util
 from pathlib import Path
 

@@ -84,3 +84,23 @@ def test_cli_trains_a_lora_checkpoint_and_eval_reproduces_its_dev_score(tmp_path
     eval_line = capsys.readouterr().out
     score = re.compile(r"toy dev accuracy=(\d\.\d+)")
     assert score.search(eval_line).group(1) == score.search(trained_line).group(1)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--max-length", "1"], "--max-length must be at least 2 tokens, not 1"),
+    (["--head-lr", "-0.01"], "head-lr must be a number ≥ 0, not -0.01"),
+    (["--lr", "nan"], "lr must be a number ≥ 0, not nan"),
+], ids=["max-length", "head-lr", "lr"])
+def test_train_refuses_bad_option_values_and_writes_nothing(tmp_path, capsys, bad, message):
+    from bitfit.cli import main
+
+    model_dir = tmp_path / "tiny-bert"
+    tiny_backbone().model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "\n".join(f"w{i} w{i + 1},{'yes' if i % 2 else 'no'}" for i in range(20)) + "\n")
+    out = tmp_path / "out.safetensors"
+    code = main(["train", "--data", str(data), "--backbone", str(model_dir), "--task", "toy", "--out", str(out),
+                 "--epochs", "1", *bad])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-bert", "train.csv"]
