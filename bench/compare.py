@@ -18,6 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     os.chdir(REPO)  # results paths are relative to the repository root
-    from bitfit.cli import main
+    from bitfit_cli.main import main
 
     sys.exit(main(["compare", *sys.argv[1:]]))

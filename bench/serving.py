@@ -274,6 +274,7 @@ def main(argv=None) -> int:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({**results, "partial": partial}, indent=2, default=str))
 
+    from bitfit.spec import ServingSpec
     from server.testing import minilm
 
     backbone = minilm()
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
             save(partial=True)
         if "http" in sections:
             fill_s = fill.result()
-            scan_ms = sh.store_read_ms(tmp / "store", backbone.layout)
+            scan_ms = sh.store_read_ms(tmp / "store", ServingSpec.of(backbone))
             (tmp / "small-store").mkdir()
             servers = start_servers(stack, sz, args.threads, tmp)  # they load while the last probes run
         if "memory" in sections:

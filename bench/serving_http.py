@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
 
 
-def store_read_ms(root: Path, layout, read: str = "active_versions", *args, reps: int = 3) -> float:
+def store_read_ms(root: Path, spec, read: str = "active_versions", *args, reps: int = 3) -> float:
     """Median milliseconds of one `BiasStore` read on this store (default: `active_versions()`, the
     whole-store scan every server-side sync does; `"task", NAME`: one task's state)."""
     from bias_store import BiasStore
 
-    fn, times = getattr(BiasStore(root, layout), read), []
+    fn, times = getattr(BiasStore(root, spec), read), []
     for _ in range(reps):
         start = time.perf_counter()
         fn(*args)
@@ -43,11 +43,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fill_store(root: Path, layout, bias_sets: Sequence) -> float:
+def fill_store(root: Path, spec, bias_sets: Sequence) -> float:
     """Put every bias set into a fresh store (task name = the set's task); returns the seconds it took."""
     from bias_store import BiasStore
 
-    store = BiasStore(root, layout)
+    store = BiasStore(root, spec)
     start = time.perf_counter()
     for s in bias_sets:
         store.put(s.task, s.to_bytes())
@@ -64,7 +64,7 @@ def bitfit_server(store: Path, log: Path, *, threads: int, group_max_tasks: int 
            "BITFIT_GROUP_MAX_TASKS": str(group_max_tasks), "BITFIT_MAX_BATCH": str(max_batch),
            "BITFIT_MAX_QUEUED": "4096", "BITFIT_MAX_UPLOAD_BYTES": str(16 << 20)}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bitfit.cli", "serve"], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "bitfit_cli", "serve"], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -32,15 +32,17 @@ END = "<!-- upload:end -->"
 
 
 def measure(backbone, n_tasks: int, reps: int, threads: int, tmp: Path) -> dict:
+    from bitfit.spec import ServingSpec
+
     root = tmp / f"store-{n_tasks}"
-    fill_s = sh.fill_store(root, backbone.layout, se.random_sets(backbone, n_tasks))
+    fill_s = sh.fill_store(root, ServingSpec.of(backbone), se.random_sets(backbone, n_tasks))
     with sh.bitfit_server(root, tmp / f"serve-{n_tasks}.log", threads=threads) as (url, proc):
         ready_s = sh.wait_ready(url, proc, tmp / f"serve-{n_tasks}.log", n_tasks)
         payloads = [se.random_bias_set(backbone, "t0", seed=90_000 + i, scale=0.05).to_bytes() for i in range(reps)]
         texts, _ = se.load_texts(1)
         row = sh.upload_to_live(url, "t0", payloads, texts[0])
-    reads = {"scan_ms": sh.store_read_ms(root, backbone.layout, reps=5),
-             "one_task_ms": sh.store_read_ms(root, backbone.layout, "task", "t0", reps=5)}
+    reads = {"scan_ms": sh.store_read_ms(root, ServingSpec.of(backbone), reps=5),
+             "one_task_ms": sh.store_read_ms(root, ServingSpec.of(backbone), "task", "t0", reps=5)}
     return row | reads | {"tasks": n_tasks, "fill_s": fill_s, "ready_s": ready_s}
 
 

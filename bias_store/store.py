@@ -31,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from bitfit.bias_set import BiasSet, read_metadata
 from bitfit.errors import BiasSetFormatError
-from bitfit.layout import BiasLayout
+from bitfit.spec import ServingSpec
 from bias_store.atomic import atomic_rename, atomic_write, fsync_dir, is_temp
 from bias_store.errors import (
     InvalidBiasSet,
@@ -93,14 +93,13 @@ class BiasStore:
     def __init__(
         self,
         root: str | Path,
-        layout: BiasLayout | None = None,
+        spec: ServingSpec | None = None,  # what an upload must match to be served; None: offline, skip those checks
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        hidden: int | None = None,  # head input width; None reads it off the layout
         lock_timeout: float = 60.0,
     ):
         self.root = Path(root)
-        self.layout, self.max_bytes, self.hidden = layout, max_bytes, hidden
+        self.spec, self.max_bytes = spec, max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.root / LOCK), timeout=lock_timeout)
         self._lock_timeout = lock_timeout
@@ -159,7 +158,7 @@ class BiasStore:
         data = bytes(data)
         if len(data) > self.max_bytes:
             raise PayloadTooLarge(len(data), self.max_bytes)
-        problems = validate(data, self.layout, max_bytes=self.max_bytes, task=task, hidden=self.hidden)
+        problems = validate(data, self.spec, max_bytes=self.max_bytes, task=task)
         if problems:
             raise InvalidBiasSet(problems)
         version, digest = version_id(data), hashlib.sha256(data).hexdigest()

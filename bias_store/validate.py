@@ -1,4 +1,4 @@
-"""Validation of an uploaded bias set against the running backbone's layout, before anything is written.
+"""Validation of an uploaded bias set against the running backbone's serving spec, before anything is written.
 
 `validate` is pure: bytes in, a list of problems out (empty when the file is fine), each problem one
 sentence that says what to fix. Nothing but safetensors is ever parsed, and the safetensors header is
@@ -19,9 +19,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load_numpy
 
-from bitfit.bias_set import DELTA, FORMAT, FORMAT_VERSION, JSON_KEYS, REQUIRED_KEYS
+from bitfit.bias_set import DELTA, FORMAT, FORMAT_VERSION, INPUT_KINDS, JSON_KEYS, REQUIRED_KEYS
 from bitfit.heads import POOLINGS
-from bitfit.layout import BiasLayout
+from bitfit.spec import ServingSpec, shape_problems
 from bias_store.names import task_name_problem
 
 MAX_HEADER_BYTES = 64 * 1024  # a real bias set's header is well under 4 KiB
@@ -32,7 +32,7 @@ MAX_RANK = 8
 
 WEIGHT, BIAS = "head.out.weight", "head.out.bias"
 EXPECTED_TENSORS = (DELTA, WEIGHT, BIAS)
-OPTIONAL_KEYS = ("metrics", "train_args", "injected", "created_at")
+OPTIONAL_KEYS = ("metrics", "train_args", "injected", "created_at", "input_kind")
 KNOWN_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -56,18 +56,11 @@ class Header:
     data_start: int  # 8 + header length
 
 
-def validate(
-    data: bytes,
-    layout: BiasLayout | None,
-    *,
-    max_bytes: int,
-    task: str | None = None,
-    hidden: int | None = None,
-) -> list[str]:
-    """Every reason `data` is not a bias set for `layout` (stored under `task`); empty when it is one.
+def validate(data: bytes, spec: ServingSpec | None, *, max_bytes: int, task: str | None = None) -> list[str]:
+    """Every reason `data` is not a bias set servable under `spec` (stored under `task`); empty when it is one.
 
-    `layout` None skips the backbone checks (fingerprint, delta size, head width) for offline tools.
-    `hidden` is the head's input width; by default it is read off the layout (see `hidden_size_of`).
+    The backbone checks (fingerprint, delta size, head width, pooler) are `spec.problems`, the very check
+    the server's bank runs before loading; `spec` None skips them, for offline tools.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         return [f"a bias set must be bytes, got {type(data).__name__}"]
@@ -77,10 +70,13 @@ def validate(
     header, problems = parse_header(data)
     if header is None:
         return problems
-    if hidden is None and layout is not None:
-        hidden = hidden_size_of(layout)
-    meta_problems, n_out = check_metadata(header.meta, layout, task)
-    problems += check_tensors(header.tensors, layout, hidden, n_out)
+    meta_problems, n_out = check_metadata(header.meta, task)
+    problems += check_tensors(header.tensors)
+    shapes = {k: t.shape for k, t in header.tensors.items()}
+    if spec is not None:  # the sizes the backbone sets, and what else it decides, in the bank's own check
+        problems += spec.problems(header.meta or {}, shapes)
+    else:
+        problems += shape_problems(shapes, n_out)
     problems += meta_problems
     if not problems:
         problems += check_values(data, header)
@@ -189,21 +185,8 @@ def _check_tiling(tensors: dict[str, TensorEntry], data_len: int) -> list[str]:
     return []
 
 
-def hidden_size_of(layout: BiasLayout) -> int | None:
-    """The backbone's hidden width, read off its layout: the commonest norm bias size, else the commonest size.
-
-    Every transformer block normalises vectors of the hidden width, so its norm slots give it away; a model
-    with no norm biases (injected projections only) has more hidden-width projections than any other width.
-    """
-    norms = [s.size for s in layout.slots if s.kind in ("layer_norm", "norm", "group_norm")]
-    sizes = norms or [s.size for s in layout.slots]
-    return Counter(sizes).most_common(1)[0][0] if sizes else None
-
-
-def check_tensors(
-    tensors: dict[str, TensorEntry], layout: BiasLayout | None, hidden: int | None, n_out: int | None
-) -> list[str]:
-    """Names, dtypes and shapes: delta [layout size], head.out.weight [n_out, hidden], head.out.bias [n_out]."""
+def check_tensors(tensors: dict[str, TensorEntry]) -> list[str]:
+    """Names and dtypes: exactly delta, head.out.weight and head.out.bias, all float32 (shapes: `shape_problems`)."""
     problems = []
     expected = ", ".join(EXPECTED_TENSORS)
     for name in EXPECTED_TENSORS:
@@ -216,28 +199,10 @@ def check_tensors(
             dtype = tensors[name].dtype
             problems.append(f"tensor {name!r} is {DTYPE_NAMES.get(dtype, dtype)}, expected float32")
 
-    def shape_problem(name: str, want: list, why: str) -> None:
-        got = list(tensors[name].shape)
-        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
-            shown = "[" + ", ".join("?" if w is None else str(w) for w in want) + "]"
-            problems.append(f"tensor {name!r} has shape {got}, expected {shown} ({why})")
-
-    if DELTA in tensors:
-        shape_problem(DELTA, [layout.size if layout else None], "one value per bias scalar of the backbone")
-    n_why = "the number of labels, 1 for regression"
-    if WEIGHT in tensors:
-        shape_problem(WEIGHT, [n_out, hidden], f"[{n_why}, hidden size]")
-    if BIAS in tensors:
-        shape_problem(BIAS, [n_out], n_why)
-        w, b = tensors.get(WEIGHT), tensors[BIAS]
-        if n_out is None and w is not None and w.shape[:1] != b.shape[:1]:
-            problems.append(f"head.out.bias has {list(b.shape)} rows but head.out.weight has {list(w.shape)}")
     return problems
 
 
-def check_metadata(
-    meta: dict[str, str] | None, layout: BiasLayout | None, task: str | None
-) -> tuple[list[str], int | None]:
+def check_metadata(meta: dict[str, str] | None, task: str | None) -> tuple[list[str], int | None]:
     """Problems with the metadata, and the number of head outputs its labels imply (None if unknown)."""
     if meta is None:
         return [f"file has no metadata; a bias set needs {', '.join(REQUIRED_KEYS)}"], None
@@ -256,13 +221,6 @@ def check_metadata(
         problems.append(f"metadata format is {ok['format'][:64]!r}, expected {FORMAT!r}")
     if "format_version" in ok and ok["format_version"] != FORMAT_VERSION:
         problems.append(f"format_version {ok['format_version'][:16]!r} is not supported (want {FORMAT_VERSION!r})")
-    if layout is not None and "backbone_fingerprint" in ok and ok["backbone_fingerprint"] != layout.fingerprint:
-        problems.append(
-            f"bias set was trained on backbone {ok['backbone_fingerprint'][:16]}… but the store serves backbone "
-            f"{layout.fingerprint[:16]}…; a bias set only applies to the exact backbone it was trained on"
-        )
-    if layout is not None and "layout_size" in ok and ok["layout_size"] != str(layout.size):
-        problems.append(f"metadata layout_size is {ok['layout_size'][:16]!r}, the backbone has {layout.size} bias scalars")
     if "task" in ok:
         name_problem = task_name_problem(ok["task"])
         if name_problem:
@@ -274,6 +232,8 @@ def check_metadata(
             )
     if "pooling" in ok and ok["pooling"] not in POOLINGS:
         problems.append(f"unknown pooling {ok['pooling'][:32]!r}; choose one of {', '.join(POOLINGS)}")
+    if "input_kind" in ok and ok["input_kind"] not in INPUT_KINDS:
+        problems.append(f"metadata input_kind {ok['input_kind'][:32]!r} is not one of {', '.join(INPUT_KINDS)}")
     if "method" in ok and not ok["method"].strip():
         problems.append("metadata method is empty")
     if "created_at" in ok and ok["created_at"]:

@@ -3,7 +3,8 @@
 Tensors:  `delta` (float32, [layout size]) = trained bias − original bias, in layout order;
           `head.out.weight` ([outputs, hidden]) and `head.out.bias` ([outputs]).
 Metadata: format and version, backbone fingerprint, task, labels (empty list = regression), pooling,
-          training method, metrics and training arguments (JSON strings, as safetensors keeps str → str).
+          input kind (text or pair; optional), training method, metrics and training arguments
+          (JSON strings, as safetensors keeps str → str).
 
 safetensors carries no code, so reading a file can never execute anything. A zero delta is the base
 model, and deltas add, which keeps task arithmetic possible.
@@ -33,6 +34,7 @@ DELTA = "delta"
 # metadata keys whose values are JSON; the rest are plain strings
 JSON_KEYS = ("labels", "metrics", "train_args", "injected")
 REQUIRED_KEYS = ("format", "format_version", "backbone_fingerprint", "layout_size", "task", "labels", "pooling", "method")
+INPUT_KINDS = ("text", "pair")  # what one input of the task is: a text, or a pair of texts
 
 
 @dataclass
@@ -47,6 +49,7 @@ class BiasSet:
     metrics: dict = field(default_factory=dict)
     train_args: dict = field(default_factory=dict)
     injected: list[str] = field(default_factory=list)
+    input_kind: str | None = None  # "text" | "pair"; None: not recorded (files from before it was), any is served
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -71,7 +74,7 @@ class BiasSet:
             "train_args": json.dumps(self.train_args, sort_keys=True),
             "injected": json.dumps(self.injected),
             "created_at": self.created_at,
-        }
+        } | ({"input_kind": self.input_kind} if self.input_kind is not None else {})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {DELTA: self.delta.detach().to("cpu", torch.float32).contiguous()}
@@ -121,6 +124,7 @@ class BiasSet:
             metrics=parsed["metrics"],
             train_args=parsed["train_args"],
             injected=parsed["injected"],
+            input_kind=meta.get("input_kind"),
             created_at=meta.get("created_at", ""),
         )
 

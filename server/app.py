@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         from bias_store import BiasStore
 
         eng = engine or await asyncio.to_thread(build_engine, settings)
-        store = BiasStore(settings.store, eng.layout, max_bytes=settings.max_upload_bytes)
+        store = BiasStore(settings.store, eng.spec, max_bytes=settings.max_upload_bytes)
         if settings.seed:
             added = await asyncio.to_thread(seed_store, store, settings.seed_dir)
             if added:

@@ -21,6 +21,7 @@ from torch import nn
 
 from bitfit.backbone import Backbone
 from bitfit.heads import pool
+from bitfit.spec import ServingSpec
 from server.bank import BiasBank
 
 Item = str | tuple[str, str]  # one input: a text, or a pair of texts
@@ -61,6 +62,7 @@ class Engine:
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.backbone = backbone
         self.layout = backbone.layout
+        self.spec = ServingSpec.of(backbone)  # taken before the cast: float32 fingerprint, real pooler
         self.device, self.dtype = torch.device(device), dtype
         self.model = backbone.model.to(device=self.device, dtype=dtype).eval()
         for p in self.model.parameters():

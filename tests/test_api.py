@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bitfit.bias_set import load_bias_set
+from bitfit.spec import ServingSpec
 from server.app import create_app
 from server.settings import Settings
 from server.testing import alone, fresh_engine, minilm, random_bias_set, serve
@@ -394,7 +395,7 @@ def test_seeding_adds_only_missing_tasks_and_skips_foreign_files(tmp_path, backb
         (seeds / f"{name}.safetensors").write_bytes(random_bias_set(backbone, name, seed=90).to_bytes())
     foreign = dataclasses.replace(random_bias_set(backbone, "gamma"), fingerprint="e" * 64)
     (seeds / "gamma.safetensors").write_bytes(foreign.to_bytes())
-    store = BiasStore(tmp_path / "store", backbone.layout)
+    store = BiasStore(tmp_path / "store", ServingSpec.of(backbone))
     mine = store.put("alpha", random_bias_set(backbone, "alpha", seed=91).to_bytes())
     assert seed_store(store, seeds) == ["beta"]
     assert store.active_versions()["alpha"] == mine.version and "gamma" not in store.active_versions()

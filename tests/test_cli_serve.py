@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bitfit.cli import main
+from bitfit_cli.main import main
 from server.app import create_app
 from server.client import BitfitClient, ClientError
 from server.settings import Settings
@@ -41,7 +41,7 @@ def server(store_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITFIT_") or k == "BITFIT_SEED_DIR"}
-    cmd = [sys.executable, "-m", "bitfit.cli", "serve", "--store", str(store_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "bitfit_cli", "serve", "--store", str(store_dir), "--port", str(port),
            "--token", TOKEN, "--threads", "1"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -166,7 +166,7 @@ def test_upload_through_one_process_reaches_the_other_within_a_second(server, re
 
 
 def test_client_commands_start_without_importing_torch():
-    code = ("import sys; from bitfit.cli import main\n"
+    code = ("import sys; from bitfit_cli.main import main\n"
             "try:\n    main(['list', '--url', 'http://127.0.0.1:9'])\nexcept SystemExit:\n    pass\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -175,7 +175,7 @@ def test_summary_of_an_unfinished_method_has_no_average_and_pending_goals():
 
 
 def test_report_writes_the_tables_and_the_plot(tmp_path):
-    from bitfit.cli_compare import plot, render_markdown
+    from bitfit_cli.compare import plot, render_markdown
 
     results = full_table()
     summary = summarise(results)
@@ -204,7 +204,7 @@ def test_one_real_run_in_a_child_process_measures_its_own_costs(glue_dir, tmp_pa
 
 
 def test_compare_refuses_a_job_count_below_one_and_writes_nothing(fake_glue, tmp_path, capsys):
-    from bitfit.cli import main
+    from bitfit_cli.main import main
 
     results = tmp_path / "out" / "results.json"
     assert main(["compare", "--jobs", "0", "--glue", str(fake_glue), "--results", str(results)]) == 2

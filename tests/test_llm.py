@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bitfit.backbone import Backbone, finish_backbone, load_backbone
-from bitfit.cli import main
+from bitfit_cli.main import main
 from bitfit.errors import BitfitError
 from bitfit.heads import TaskHead, TaskModel, pool
 from bitfit.inject import apply_bitfit

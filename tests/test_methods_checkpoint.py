@@ -65,7 +65,7 @@ def test_other_files_are_not_task_models(content, tmp_path):
 
 
 def test_cli_trains_a_lora_checkpoint_and_eval_reproduces_its_dev_score(tmp_path, capsys):
-    from bitfit.cli import main
+    from bitfit_cli.main import main
 
     model_dir = tmp_path / "tiny-bert"
     tiny_backbone().model.save_pretrained(model_dir)
@@ -92,7 +92,7 @@ def test_cli_trains_a_lora_checkpoint_and_eval_reproduces_its_dev_score(tmp_path
     (["--lr", "nan"], "lr must be a number ≥ 0, not nan"),
 ], ids=["max-length", "head-lr", "lr"])
 def test_train_refuses_bad_option_values_and_writes_nothing(tmp_path, capsys, bad, message):
-    from bitfit.cli import main
+    from bitfit_cli.main import main
 
     model_dir = tmp_path / "tiny-bert"
     tiny_backbone().model.save_pretrained(model_dir)

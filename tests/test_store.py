@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_store_support import snapshot, tiny_layout, valid_bytes, with_header
+from test_store_support import snapshot, tiny_layout, tiny_spec, valid_bytes, with_header
 
 from bias_store import (
     BiasStore,
@@ -21,7 +21,7 @@ from bitfit.bias_set import BiasSet
 
 @pytest.fixture
 def store(tmp_path):
-    return BiasStore(tmp_path / "store", tiny_layout())
+    return BiasStore(tmp_path / "store", tiny_spec())
 
 
 def blob(seed: int, task: str = "sst2", **kw) -> bytes:
@@ -177,7 +177,7 @@ def test_generation_moves_on_every_mutation_and_not_on_reads_or_failures(store):
 
 
 def test_a_second_store_on_the_same_directory_sees_changes(tmp_path):
-    writer, reader = BiasStore(tmp_path, tiny_layout()), BiasStore(tmp_path, tiny_layout())
+    writer, reader = BiasStore(tmp_path, tiny_spec()), BiasStore(tmp_path, tiny_spec())
     g = reader.generation()
     v = writer.put("sst2", blob(0)).version
     assert reader.generation() > g and reader.active_versions() == {"sst2": v}
@@ -204,7 +204,7 @@ def test_a_damaged_version_file_is_detected_on_read(store):
 
 
 def test_leftovers_of_interrupted_writes_are_removed_on_open_and_never_listed(tmp_path):
-    store = BiasStore(tmp_path, tiny_layout())
+    store = BiasStore(tmp_path, tiny_spec())
     v = store.put("sst2", blob(0)).version
     before = snapshot(tmp_path)
     orphan = blob(1)  # renamed into versions/ but its STATE never committed
@@ -219,7 +219,7 @@ def test_leftovers_of_interrupted_writes_are_removed_on_open_and_never_listed(tm
     assert [t.name for t in store.tasks()] == ["sst2"]  # a live reader already ignores them
     assert [x.version for x in store.task("sst2").versions] == [v]
     g = store.generation()
-    reopened = BiasStore(tmp_path, tiny_layout())
+    reopened = BiasStore(tmp_path, tiny_spec())
     after = snapshot(tmp_path)
     assert after.pop("GENERATION") != before.pop("GENERATION")
     assert after == before

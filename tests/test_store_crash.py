@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_store_support import tiny_layout, valid_bytes
+from test_store_support import tiny_layout, tiny_spec, valid_bytes
 
 from bias_store import BiasStore, TaskNotFound, validate
 from bias_store.store import version_id
@@ -21,10 +21,10 @@ TASKS = ("sst2", "cola")
 State = dict[str, tuple[frozenset, str | None]]  # task -> (versions, active)
 
 
-def _churn(root: str, layout, blobs: dict[str, list[bytes]], log_path: str, seed: int) -> None:
+def _churn(root: str, spec, blobs: dict[str, list[bytes]], log_path: str, seed: int) -> None:
     """Loop uploads, activations and deletes forever, logging each op before it starts and once acknowledged."""
     rng = random.Random(seed)
-    store = BiasStore(root, layout)
+    store = BiasStore(root, spec)
     log = open(log_path, "a", buffering=1)  # one write(2) per line: a line survives SIGKILL once written
 
     def run(op: str, fn, *args, **kw):
@@ -103,7 +103,7 @@ def _observe(store: BiasStore, blobs: dict[str, list[bytes]]) -> State:
 
 
 def test_sigkill_during_uploads_and_activations_leaves_old_or_new_state(tmp_path):
-    layout = tiny_layout()
+    layout, spec = tiny_layout(), tiny_spec()
     blobs = {t: [valid_bytes(layout, task=t, seed=i) for i in range(4)] for t in TASKS}
     ctx, rng = mp.get_context("fork"), random.Random(1234)
     state: State = {}
@@ -112,7 +112,7 @@ def test_sigkill_during_uploads_and_activations_leaves_old_or_new_state(tmp_path
     # 30 kills, and more until 30 operations were acknowledged (a loaded machine does fewer per kill)
     while (rounds < 30 or acks < 30) and rounds < 300 and time.monotonic() - start < 60.0:
         log_path = tmp_path / f"log{rounds}"
-        child = ctx.Process(target=_churn, args=(str(tmp_path / "store"), layout, blobs, str(log_path), rounds))
+        child = ctx.Process(target=_churn, args=(str(tmp_path / "store"), tiny_spec(), blobs, str(log_path), rounds))
         child.start()
         began = time.monotonic()  # kill inside the operations, not while the child is still starting
         while not (log_path.exists() and log_path.read_text()) and time.monotonic() - began < 5.0:
@@ -123,7 +123,7 @@ def test_sigkill_during_uploads_and_activations_leaves_old_or_new_state(tmp_path
         assert child.exitcode == -signal.SIGKILL
 
         acked, inflight, n = _replay(log_path.read_text() if log_path.exists() else "", state)
-        observed = _observe(BiasStore(tmp_path / "store", layout), blobs)  # opening recovers
+        observed = _observe(BiasStore(tmp_path / "store", spec), blobs)  # opening recovers
         allowed = [acked] + ([_apply(acked, inflight)] if inflight else [])
         assert observed in allowed, f"round {rounds}: in flight {inflight!r}\n{observed}\nnot in\n{allowed}"
         state, rounds, acks, midway = observed, rounds + 1, acks + n, midway + bool(inflight)
@@ -136,12 +136,12 @@ CRASHED = 77
 INTERCEPTED = ("fsync", "replace", "rename", "unlink", "mkdir", "rmdir")  # every step that changes the disk
 
 
-def _run_until_step(root: Path, layout, op, k: int) -> int:
+def _run_until_step(root: Path, spec, op, k: int) -> int:
     """Run `op(store)` in a forked child that dies (os._exit) at its k-th file-system step; its exit code."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
-            store = BiasStore(root, layout)
+            store = BiasStore(root, spec)
             count = [0]
 
             def wrap(fn):
@@ -185,25 +185,25 @@ SCENARIOS = [
 
 @pytest.mark.parametrize("op", [s[1] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
 def test_a_crash_at_every_write_step_leaves_old_or_new_state(tmp_path, op):
-    layout = tiny_layout()
+    layout, spec = tiny_layout(), tiny_spec()
     blobs = {t: [valid_bytes(layout, task=t, seed=i) for i in range(4)] for t in ("sst2", "cola", "mnli")}
-    template = BiasStore(tmp_path / "template", layout)
+    template = BiasStore(tmp_path / "template", spec)
     template.put("sst2", blobs["sst2"][0])
     template.put("sst2", blobs["sst2"][1])  # active, with sst2[0] on the rollback history
     template.put("cola", blobs["cola"][0])
     old, g_old = _full_state(template, blobs), template.generation()
     shutil.copytree(template.root, tmp_path / "done")
-    op(BiasStore(tmp_path / "done", layout), blobs)
-    new = _full_state(BiasStore(tmp_path / "done", layout), blobs)
+    op(BiasStore(tmp_path / "done", spec), blobs)
+    new = _full_state(BiasStore(tmp_path / "done", spec), blobs)
     assert new != old
 
     outcomes = []
     for k in range(200):
         root = tmp_path / f"k{k}"
         shutil.copytree(template.root, root)
-        code = _run_until_step(root, layout, lambda s: op(s, blobs), k)
+        code = _run_until_step(root, spec, lambda s: op(s, blobs), k)
         assert code in (CRASHED, 0), f"child failed at step {k} with exit code {code}"
-        reopened = BiasStore(root, layout)  # recovery runs here
+        reopened = BiasStore(root, spec)  # recovery runs here
         seen = _full_state(reopened, blobs)
         assert seen in (old, new), f"crash at step {k} left a third state: {seen}"
         if seen == new:
@@ -215,8 +215,8 @@ def test_a_crash_at_every_write_step_leaves_old_or_new_state(tmp_path, op):
     assert code == 0 and outcomes[0] is False and outcomes[-1] is True and len(outcomes) >= 4
 
 
-def _upload(root: str, layout, jobs: list[tuple[str, bytes]], barrier, out) -> None:
-    store = BiasStore(root, layout)
+def _upload(root: str, spec, jobs: list[tuple[str, bytes]], barrier, out) -> None:
+    store = BiasStore(root, spec)
     barrier.wait()
     acked = []
     for i, (task, data) in enumerate(jobs):
@@ -228,8 +228,8 @@ def _upload(root: str, layout, jobs: list[tuple[str, bytes]], barrier, out) -> N
 
 
 def test_two_processes_uploading_at_once_keep_every_acknowledged_version(tmp_path):
-    layout, root = tiny_layout(), tmp_path / "store"
-    BiasStore(root, layout)
+    layout, spec, root = tiny_layout(), tiny_spec(), tmp_path / "store"
+    BiasStore(root, spec)
     shared_same = valid_bytes(layout, task="shared", seed=99)  # both upload these exact bytes
     jobs = {
         name: [(own, valid_bytes(layout, task=own, seed=s + i)) for i in range(8)]
@@ -242,7 +242,7 @@ def test_two_processes_uploading_at_once_keep_every_acknowledged_version(tmp_pat
         jobs[name] = [x for pair in zip(j[:8], j[8:16]) for x in pair] + j[16:]
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_upload, args=(str(root), layout, jobs[n], barrier, out)) for n in jobs]
+    procs = [ctx.Process(target=_upload, args=(str(root), spec, jobs[n], barrier, out)) for n in jobs]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]
@@ -250,13 +250,13 @@ def test_two_processes_uploading_at_once_keep_every_acknowledged_version(tmp_pat
         p.join(timeout=30)
         assert p.exitcode == 0
 
-    store = BiasStore(root, layout)
+    store = BiasStore(root, spec)
     tasks = {t.name: t for t in store.tasks()}
     assert sorted(tasks) == ["alpha", "beta", "shared"]
     for acked in results:
         for task, v in acked:
             data = store.read(task, v)
-            assert version_id(data) == v and validate(data, layout, max_bytes=2**20, task=task) == []
+            assert version_id(data) == v and validate(data, spec, max_bytes=2**20, task=task) == []
         own = acked[0][0]  # only this process writes it, so its last acknowledged version is active
         assert tasks[own].active == [v for t, v in acked if t == own][-1]
     assert len(tasks["shared"].versions) == 17  # 8 + 8 distinct, and the common bytes once

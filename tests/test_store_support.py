@@ -15,6 +15,7 @@ from safetensors.numpy import save as st_save_numpy
 
 from bitfit.bias_set import BiasSet
 from bitfit.layout import BiasLayout, layout_of
+from bitfit.spec import ServingSpec
 
 HIDDEN = 32  # tiny_config("bert").hidden_size
 
@@ -25,6 +26,11 @@ def tiny_layout(seed: int = 0) -> BiasLayout:
     from conftest import tiny_model
 
     return layout_of(tiny_model("bert", seed=seed))
+
+
+def tiny_spec(seed: int = 0) -> ServingSpec:
+    """The serving spec of the tiny BERT (it has a pooler)."""
+    return ServingSpec.for_layout(tiny_layout(seed), HIDDEN, has_pooler=True)
 
 
 def make_bias_set(

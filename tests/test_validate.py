@@ -9,10 +9,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_store_support import HIDDEN, parts, raw, snapshot, tiny_layout, valid_bytes, with_header
+from test_store_support import HIDDEN, parts, raw, snapshot, tiny_layout, tiny_spec, valid_bytes, with_header
 
 from bias_store import BiasStore, InvalidBiasSet, InvalidTaskName, PayloadTooLarge, validate
-from bias_store.validate import hidden_size_of
 
 MAX_BYTES = 256 * 1024  # the store limit in these tests; a tiny bias set is ~3 KiB
 
@@ -156,15 +155,14 @@ BAD_TASK_NAMES = [
 @pytest.fixture
 def store(tmp_path):
     """A store that already holds one task, so an unchanged snapshot means something."""
-    s = BiasStore(tmp_path / "store", tiny_layout(), max_bytes=MAX_BYTES)
+    s = BiasStore(tmp_path / "store", tiny_spec(), max_bytes=MAX_BYTES)
     s.put("sst2", valid_bytes(tiny_layout(), seed=1))
     s.put("cola", valid_bytes(tiny_layout(), task="cola", labels=("bad", "good")))
     return s
 
 
 def test_a_valid_tiny_bias_set_passes():
-    assert validate(valid_bytes(tiny_layout()), tiny_layout(), max_bytes=MAX_BYTES) == []
-    assert hidden_size_of(tiny_layout()) == HIDDEN
+    assert validate(valid_bytes(tiny_layout()), tiny_spec(), max_bytes=MAX_BYTES) == []
 
 
 @pytest.mark.parametrize("build,error,message", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
@@ -176,7 +174,7 @@ def test_hostile_upload_is_refused_with_its_message_and_store_unchanged(store, b
     assert message in str(exc.value)
     if error is InvalidBiasSet:
         assert any(message in p for p in exc.value.problems)
-        assert any(message in p for p in validate(data, tiny_layout(), max_bytes=MAX_BYTES, task="sst2"))
+        assert any(message in p for p in validate(data, tiny_spec(), max_bytes=MAX_BYTES, task="sst2"))
     assert snapshot(store.root) == before
     assert store.generation() == generation
 
@@ -204,13 +202,13 @@ def test_validation_reports_every_problem_not_just_the_first():
     tensors["extra"] = np.zeros(1, np.float32)
     meta["pooling"] = "max"
     meta["labels"] = '["a", "a"]'
-    problems = validate(raw(tensors, meta), tiny_layout(), max_bytes=MAX_BYTES)
+    problems = validate(raw(tensors, meta), tiny_spec(), max_bytes=MAX_BYTES)
     assert len(problems) == 4, problems
     assert [p.split(" ")[0] for p in problems] == ["unexpected", "tensor", "unknown", "labels"]
 
 
 def test_store_without_layout_skips_only_backbone_checks(tmp_path):
-    offline = BiasStore(tmp_path, layout=None, max_bytes=MAX_BYTES)
+    offline = BiasStore(tmp_path, spec=None, max_bytes=MAX_BYTES)
     offline.put("sst2", valid_bytes(tiny_layout(seed=1)))  # another backbone: fine offline
     tensors, meta = parts(tiny_layout())
     tensors["delta"][0] = np.nan
@@ -222,8 +220,10 @@ def test_store_without_layout_skips_only_backbone_checks(tmp_path):
 def test_real_minilm_bias_set_validates_and_a_tiny_one_does_not(minilm_backbone):
     from bitfit.bias_set import BiasSet
 
-    layout = minilm_backbone.layout
-    assert hidden_size_of(layout) == minilm_backbone.hidden_size == 384
+    from bitfit.spec import ServingSpec
+
+    layout, spec = minilm_backbone.layout, ServingSpec.of(minilm_backbone)
+    assert spec.hidden == minilm_backbone.hidden_size == 384
     bs = BiasSet(
         task="sst2",
         delta=torch.zeros(layout.size),
@@ -232,7 +232,7 @@ def test_real_minilm_bias_set_validates_and_a_tiny_one_does_not(minilm_backbone)
         fingerprint=layout.fingerprint,
     )
     data = bs.to_bytes()
-    assert validate(data, layout, max_bytes=16 * 2**20, task="sst2") == []
-    problems = validate(valid_bytes(tiny_layout()), layout, max_bytes=16 * 2**20)
+    assert validate(data, spec, max_bytes=16 * 2**20, task="sst2") == []
+    problems = validate(valid_bytes(tiny_layout()), spec, max_bytes=16 * 2**20)
     assert any("trained on backbone" in p for p in problems)
     assert any(f"expected [{layout.size}]" in p for p in problems)

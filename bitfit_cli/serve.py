@@ -1,6 +1,6 @@
 """`bitfit serve` and the admin client commands (push, list, activate, rollback, delete, predict).
 
-Loaded lazily by `bitfit.cli`; FastAPI, uvicorn and torch are imported only by the command that runs.
+Loaded lazily by `bitfit_cli.main`; FastAPI, uvicorn and torch are imported only by the command that runs.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ EXTENSIONS: list = []
 def _load_extensions() -> None:
     import importlib
 
-    for name in ("bitfit.cli_serve", "bitfit.cli_compare", "bitfit.cli_llm"):
+    for name in ("bitfit_cli.serve", "bitfit_cli.compare", "bitfit_cli.llm"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
