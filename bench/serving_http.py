@@ -55,17 +55,19 @@ def fill_store(root: Path, spec, bias_sets: Sequence) -> float:
 
 
 @contextmanager
-def bitfit_server(store: Path, log: Path, *, threads: int, group_max_tasks: int = 1,
-                  max_batch: int = 32) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`bitfit serve` as a separate process (uvicorn), configured through its BITFIT_* settings."""
+def bitfit_server(store: Path, log: Path, *, threads: int, group_max_tasks: int = 1, max_batch: int = 32,
+                  seed: bool = False, prefix: Sequence[str] = (), env_extra: dict | None = None,
+                  ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`bitfit serve` as a separate process (uvicorn), configured through its BITFIT_* settings; `prefix` runs it
+    under another command (e.g. `taskset -c 0`)."""
     port = free_port()
     env = {**os.environ, "BITFIT_STORE": str(store), "BITFIT_HOST": "127.0.0.1", "BITFIT_PORT": str(port),
-           "BITFIT_THREADS": str(threads), "BITFIT_ADMIN_TOKEN": TOKEN, "BITFIT_SEED": "false",
+           "BITFIT_THREADS": str(threads), "BITFIT_ADMIN_TOKEN": TOKEN, "BITFIT_SEED": str(seed).lower(),
            "BITFIT_GROUP_MAX_TASKS": str(group_max_tasks), "BITFIT_MAX_BATCH": str(max_batch),
-           "BITFIT_MAX_QUEUED": "4096", "BITFIT_MAX_UPLOAD_BYTES": str(16 << 20)}
+           "BITFIT_MAX_QUEUED": "4096", "BITFIT_MAX_UPLOAD_BYTES": str(16 << 20)} | (env_extra or {})
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bitfit_cli", "serve"], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO)
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "bitfit_cli", "serve"], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
         yield url, proc

@@ -55,14 +55,14 @@ def probe(kind: str, counts: list[int]) -> dict:
     encoded = backbone.encode(["a short warm-up sentence for the allocator"] * 8)
     points, raw, extra = [], 0, {}
     if kind in ("bank", "bank-reserved", "bank-doubling"):
-        from server.bank import BiasBank, pin_mmap_threshold
-        from server.engine import Engine
+        from server.runtime.bank import BiasBank, pin_mmap_threshold
+        from server.runtime.engine import TorchEngine as Engine
 
         if kind == "bank-doubling":
             BiasBank._grow = doubling_grow
         else:
             pin_mmap_threshold()  # as `bitfit serve` does
-        engine = Engine(backbone, max_batch=32)
+        engine = Engine(backbone)
         with torch.inference_mode():
             engine.model(**encoded)
         base = settle()

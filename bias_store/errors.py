@@ -1,6 +1,7 @@
 """Typed errors of the store; the server maps each type to one status code (`server/errors.py`).
 
-Every message says what is wrong and what to do about it, because it reaches the person who uploaded.
+Every message says what is wrong and what to do about it, because it reaches the person who uploaded. The
+messages speak of the store (tasks, versions, the location), never of the HTTP routes that may have led here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ class TaskNotFound(StoreError):
 
     def __init__(self, task: str):
         self.task = task
-        super().__init__(f"task {task!r} is not in the store; upload a bias set for it first (PUT /tasks/{task})")
+        super().__init__(f"task {task!r} is not in the store; store a bias set for it first")
 
 
 class VersionNotFound(StoreError):
@@ -28,7 +29,7 @@ class VersionNotFound(StoreError):
 
 
 class InvalidTaskName(StoreError, ValueError):
-    """A task name outside the strict pattern (it becomes a directory name)."""
+    """A task name outside the strict pattern (it becomes a directory name or an object key)."""
 
 
 class InvalidBiasSet(StoreError, ValueError):
@@ -61,5 +62,36 @@ class VersionActive(StoreError):
         )
 
 
-class StoreLocked(StoreError):
-    """Another process held the store's lock for longer than the timeout."""
+class NothingToRollBack(StoreError):
+    """A rollback of a task that has no previously active version left."""
+
+    def __init__(self, task: str):
+        self.task = task
+        super().__init__(f"task {task!r} has no previously active version to roll back to; "
+                         "activate a version by its id instead")
+
+
+class StoreConflict(StoreError):
+    """Other writers kept committing changes first; nothing of this call was committed. Safe to retry."""
+
+
+class StoreDamaged(StoreError):
+    """The store's own files or objects are damaged (a content hash mismatch, unreadable state, a missing
+    object that a state lists). Not the caller's fault: an operator must restore from a backup."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now (object storage down, refusing the credentials, timing out).
+
+    What was resident stays usable; every store call recovers by itself once the store answers again. A
+    mutation that raised this may or may not have been committed: read the task back, or repeat it (storing
+    the same bytes again gives the same version)."""
+
+
+class StoreLocked(StoreUnavailable):
+    """Another process held the directory store's lock for longer than the timeout."""
+
+
+class StoreMisconfigured(StoreError, ValueError):
+    """The store cannot be opened as configured: an unsupported location, a missing bucket, credentials the
+    endpoint refuses, or an object store without the conditional writes the store's commits rely on."""

@@ -19,8 +19,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load_numpy
 
-from bitfit.bias_set import DELTA, FORMAT, FORMAT_VERSION, INPUT_KINDS, JSON_KEYS, REQUIRED_KEYS
+from bitfit.bias_set import (CLASSIFICATION, CLASSIFICATION_ONLY_KEYS, DELTA, FORMAT, FORMAT_VERSION, GENERATION,
+                             GENERATION_KEYS, INPUT_KINDS, JSON_KEYS, KINDS, REQUIRED_KEYS, required_keys)
 from bitfit.heads import POOLINGS
+from bitfit.lm import stop_problems, template_problems
 from bitfit.spec import ServingSpec, shape_problems
 from bias_store.names import task_name_problem
 
@@ -33,7 +35,13 @@ MAX_RANK = 8
 WEIGHT, BIAS = "head.out.weight", "head.out.bias"
 EXPECTED_TENSORS = (DELTA, WEIGHT, BIAS)
 OPTIONAL_KEYS = ("metrics", "train_args", "injected", "created_at", "input_kind")
-KNOWN_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
+KNOWN_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS + ("kind",)  # a classification set may say kind "classification"
+# a generation set: the delta alone (the backbone's LM head writes), no labels or pooling, a template and stops
+TENSORS_OF_KIND = {CLASSIFICATION: EXPECTED_TENSORS, GENERATION: (DELTA,)}
+KNOWN_KEYS_OF_KIND = {
+    CLASSIFICATION: KNOWN_KEYS,
+    GENERATION: required_keys(GENERATION) + tuple(k for k in OPTIONAL_KEYS if k not in CLASSIFICATION_ONLY_KEYS),
+}
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
@@ -71,12 +79,15 @@ def validate(data: bytes, spec: ServingSpec | None, *, max_bytes: int, task: str
     if header is None:
         return problems
     meta_problems, n_out = check_metadata(header.meta, task)
-    problems += check_tensors(header.tensors)
+    problems += check_tensors(header.tensors, (header.meta or {}).get("kind", CLASSIFICATION))
     shapes = {k: t.shape for k, t in header.tensors.items()}
     if spec is not None:  # the sizes the backbone sets, and what else it decides, in the bank's own check
         problems += spec.problems(header.meta or {}, shapes)
     else:
         problems += shape_problems(shapes, n_out)
+        pooling = (header.meta or {}).get("pooling")
+        if pooling is not None and pooling not in POOLINGS:
+            problems.append(f"unknown pooling {pooling[:32]!r}; choose one of {', '.join(POOLINGS)}")
     problems += meta_problems
     if not problems:
         problems += check_values(data, header)
@@ -185,16 +196,21 @@ def _check_tiling(tensors: dict[str, TensorEntry], data_len: int) -> list[str]:
     return []
 
 
-def check_tensors(tensors: dict[str, TensorEntry]) -> list[str]:
-    """Names and dtypes: exactly delta, head.out.weight and head.out.bias, all float32 (shapes: `shape_problems`)."""
+def check_tensors(tensors: dict[str, TensorEntry], kind: str = CLASSIFICATION) -> list[str]:
+    """Names and dtypes: exactly delta, head.out.weight and head.out.bias (a generation set: delta alone), all
+    float32 (shapes: `shape_problems`). An unknown kind is checked as a classification set (`check_metadata`
+    reports the kind)."""
     problems = []
-    expected = ", ".join(EXPECTED_TENSORS)
-    for name in EXPECTED_TENSORS:
+    wanted = TENSORS_OF_KIND.get(kind, EXPECTED_TENSORS)
+    expected = ", ".join(wanted)
+    what = ("a generation bias set holds only delta (it has no classification head)" if kind == GENERATION
+            else f"a bias set holds exactly {expected}")
+    for name in wanted:
         if name not in tensors:
-            problems.append(f"missing tensor {name!r}; a bias set holds exactly {expected}")
-    for name in sorted(set(tensors) - set(EXPECTED_TENSORS)):
-        problems.append(f"unexpected tensor {name!r}; a bias set holds exactly {expected}")
-    for name in EXPECTED_TENSORS:
+            problems.append(f"missing tensor {name!r}; {what}")
+    for name in sorted(set(tensors) - set(wanted)):
+        problems.append(f"unexpected tensor {name!r}; {what}")
+    for name in wanted:
         if name in tensors and tensors[name].dtype != "F32":
             dtype = tensors[name].dtype
             problems.append(f"tensor {name!r} is {DTYPE_NAMES.get(dtype, dtype)}, expected float32")
@@ -207,15 +223,32 @@ def check_metadata(meta: dict[str, str] | None, task: str | None) -> tuple[list[
     if meta is None:
         return [f"file has no metadata; a bias set needs {', '.join(REQUIRED_KEYS)}"], None
     problems = []
-    for k in sorted(set(meta) - set(KNOWN_KEYS)):
-        problems.append(f"unknown metadata key {k[:64]!r}; allowed keys are {', '.join(KNOWN_KEYS)}")
-    for k in REQUIRED_KEYS:
+    kind = meta.get("kind", CLASSIFICATION)
+    if kind not in KINDS:
+        problems.append(f"metadata kind {kind[:32]!r} is not one of {', '.join(KINDS)}")
+        kind = CLASSIFICATION
+    known = KNOWN_KEYS_OF_KIND[kind]
+    for k in sorted(set(meta) - set(known)):
+        if kind == GENERATION and k in CLASSIFICATION_ONLY_KEYS:
+            problems.append(f"metadata {k!r} belongs to a classification head, and a generation bias set has none; "
+                            "drop it")
+        else:
+            problems.append(f"unknown metadata key {k[:64]!r}; allowed keys are {', '.join(known)}")
+    for k in required_keys(kind):
         if k not in meta:
-            problems.append(f"metadata lacks {k!r}")
+            problems.append(f"metadata lacks {k!r}" + (" (a generation bias set needs kind, prompt_template and stop)"
+                                                        if k in GENERATION_KEYS else ""))
     for k, v in meta.items():
         if len(v) > MAX_META_VALUE:
             problems.append(f"metadata {k[:64]!r} is {len(v):,} characters, over the limit of {MAX_META_VALUE:,}")
-    ok = {k: v for k, v in meta.items() if k in KNOWN_KEYS and len(v) <= MAX_META_VALUE}
+    ok = {k: v for k, v in meta.items() if k in known and len(v) <= MAX_META_VALUE}
+    if "prompt_template" in ok:
+        problems += [f"metadata prompt_template: {p}" for p in template_problems(ok["prompt_template"])]
+    if "stop" in ok:
+        try:
+            problems += [f"metadata stop: {p}" for p in stop_problems(json.loads(ok["stop"]))]
+        except (json.JSONDecodeError, RecursionError) as e:
+            problems.append(f"metadata 'stop' is not valid JSON: {str(e)[:120]}")
 
     if "format" in ok and ok["format"] != FORMAT:
         problems.append(f"metadata format is {ok['format'][:64]!r}, expected {FORMAT!r}")
@@ -230,8 +263,6 @@ def check_metadata(meta: dict[str, str] | None, task: str | None) -> tuple[list[
                 f"metadata names task {ok['task']!r} but the file is being stored under {task!r}; "
                 f"the file's task must match the task it is uploaded to (re-save it with task={task!r})"
             )
-    if "pooling" in ok and ok["pooling"] not in POOLINGS:
-        problems.append(f"unknown pooling {ok['pooling'][:32]!r}; choose one of {', '.join(POOLINGS)}")
     if "input_kind" in ok and ok["input_kind"] not in INPUT_KINDS:
         problems.append(f"metadata input_kind {ok['input_kind'][:32]!r} is not one of {', '.join(INPUT_KINDS)}")
     if "method" in ok and not ok["method"].strip():
@@ -289,6 +320,8 @@ def check_values(data: bytes, header: Header) -> list[str]:
     """Finite float32 values, read straight from the bytes (only called once names and dtypes are right)."""
     problems = []
     for name in EXPECTED_TENSORS:
+        if name not in header.tensors:  # a generation set has no head
+            continue
         t = header.tensors[name]
         values = np.frombuffer(data, dtype="<f4", count=(t.end - t.begin) // 4, offset=header.data_start + t.begin)
         n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())

@@ -1,10 +1,16 @@
 """The BiasSet artifact: one safetensors file holding a task.
 
 Tensors:  `delta` (float32, [layout size]) = trained bias − original bias, in layout order;
-          `head.out.weight` ([outputs, hidden]) and `head.out.bias` ([outputs]).
+          `head.out.weight` ([outputs, hidden]) and `head.out.bias` ([outputs]) — a classification set's.
 Metadata: format and version, backbone fingerprint, task, labels (empty list = regression), pooling,
           input kind (text or pair; optional), training method, metrics and training arguments
           (JSON strings, as safetensors keeps str → str).
+
+Two kinds (metadata `kind`; a file without it is a classification set, as every file before it was):
+- classification: the head tensors, labels and pooling above;
+- generation: `delta` only (the backbone's own LM head writes the text), no labels and no pooling, and
+  `prompt_template` (the prompt, with `{input}` where the input goes) and `stop` (a JSON list of stop
+  sequences), which whoever generates with the set applies.
 
 safetensors carries no code, so reading a file can never execute anything. A zero delta is the base
 model, and deltas add, which keeps task arithmetic possible.
@@ -35,6 +41,17 @@ DELTA = "delta"
 JSON_KEYS = ("labels", "metrics", "train_args", "injected")
 REQUIRED_KEYS = ("format", "format_version", "backbone_fingerprint", "layout_size", "task", "labels", "pooling", "method")
 INPUT_KINDS = ("text", "pair")  # what one input of the task is: a text, or a pair of texts
+CLASSIFICATION, GENERATION = "classification", "generation"
+KINDS = (CLASSIFICATION, GENERATION)  # metadata `kind`; absent: classification
+GENERATION_KEYS = ("kind", "prompt_template", "stop")  # required of a generation set, unknown to a classification one
+CLASSIFICATION_ONLY_KEYS = ("labels", "pooling", "input_kind")  # a generation set has no head to describe
+
+
+def required_keys(kind: str) -> tuple[str, ...]:
+    """The metadata keys a bias set of `kind` must hold."""
+    if kind == GENERATION:
+        return tuple(k for k in REQUIRED_KEYS if k not in CLASSIFICATION_ONLY_KEYS) + GENERATION_KEYS
+    return REQUIRED_KEYS
 
 
 @dataclass
@@ -50,17 +67,31 @@ class BiasSet:
     train_args: dict = field(default_factory=dict)
     injected: list[str] = field(default_factory=list)
     input_kind: str | None = None  # "text" | "pair"; None: not recorded (files from before it was), any is served
+    kind: str = CLASSIFICATION  # or GENERATION: no head, labels or pooling; a prompt template and stop sequences
+    prompt_template: str | None = None  # generation: the prompt, "{input}" where the task input goes
+    stop: list[str] = field(default_factory=list)  # generation: generated text ends before the first of these
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
+    def is_generation(self) -> bool:
+        return self.kind == GENERATION
+
+    @property
     def is_regression(self) -> bool:
-        return not self.labels
+        return not self.labels and not self.is_generation
 
     @property
     def num_outputs(self) -> int:
         return 1 if self.is_regression else len(self.labels)
 
     def metadata(self) -> dict[str, str]:
+        if self.is_generation:
+            meta = {k: v for k, v in self._metadata().items() if k not in CLASSIFICATION_ONLY_KEYS}
+            return meta | {"kind": GENERATION, "prompt_template": self.prompt_template or "",
+                           "stop": json.dumps(list(self.stop))}
+        return self._metadata()
+
+    def _metadata(self) -> dict[str, str]:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -97,7 +128,10 @@ class BiasSet:
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "BiasSet":
-        missing = [k for k in REQUIRED_KEYS if k not in meta]
+        kind = meta.get("kind", CLASSIFICATION)
+        if kind not in KINDS:
+            raise BiasSetFormatError(f"metadata kind {kind[:32]!r} is not one of {', '.join(KINDS)}")
+        missing = [k for k in required_keys(kind) if k not in meta]
         if missing:
             raise BiasSetFormatError(f"metadata lacks {missing}")
         if meta["format"] != FORMAT:
@@ -113,18 +147,29 @@ class BiasSet:
         if DELTA not in tensors:
             raise BiasSetFormatError("file has no 'delta' tensor")
         head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        stop = []
+        if kind == GENERATION:
+            try:
+                stop = json.loads(meta["stop"])
+            except json.JSONDecodeError as e:
+                raise BiasSetFormatError(f"metadata 'stop' is not valid JSON: {e}") from None
+            if not (isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+                raise BiasSetFormatError("metadata 'stop' must be a JSON list of strings")
         return cls(
             task=meta["task"],
             delta=tensors[DELTA],
             head=head,
             labels=parsed["labels"],
             fingerprint=meta["backbone_fingerprint"],
-            pooling=meta["pooling"],
+            pooling=meta.get("pooling", ""),
             method=meta["method"],
             metrics=parsed["metrics"],
             train_args=parsed["train_args"],
             injected=parsed["injected"],
             input_kind=meta.get("input_kind"),
+            kind=kind,
+            prompt_template=meta.get("prompt_template"),
+            stop=stop,
             created_at=meta.get("created_at", ""),
         )
 
@@ -156,8 +201,19 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return meta
 
 
-def save_bias_set(bias_set: BiasSet, path: str | os.PathLike) -> Path:
-    return write_atomic(path, bias_set.to_bytes())
+def save_bias_set(bias_set: "BiasSet | torch.nn.Module", path: str | os.PathLike, **fields) -> Path:
+    """Write a bias set file atomically: a `BiasSet`, or the one of a model `apply_bitfit` prepared.
+
+    `save_bias_set(bias_set, path)`; `save_bias_set(model, path, task=..., labels=..., input_kind=...)`
+    (the fields of `bitfit.hf_model.bias_set_from_model`, which a BiasSet already carries)."""
+    if isinstance(bias_set, BiasSet):
+        if fields:
+            raise TypeError(f"save_bias_set(BiasSet, path) takes no {', '.join(sorted(fields))}: the BiasSet "
+                            "carries them (they describe a model's set: save_bias_set(model, path, task=...))")
+        return write_atomic(path, bias_set.to_bytes())
+    from bitfit.hf_model import bias_set_from_model  # a model: needs transformers-aware code, loaded on use
+
+    return write_atomic(path, bias_set_from_model(bias_set, **fields).to_bytes())
 
 
 def load_bias_set(path: str | os.PathLike) -> BiasSet:

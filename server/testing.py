@@ -17,7 +17,8 @@ import torch
 from bitfit.backbone import Backbone, load_backbone
 from bitfit.bias_set import BiasSet
 from bitfit.evaluate import task_model_from_bias_set
-from server.engine import Engine, Item
+from server.runtime.engine import TorchEngine
+from server.runtime.inputs import Item
 
 
 @lru_cache(maxsize=1)
@@ -26,11 +27,11 @@ def minilm() -> Backbone:
     return load_backbone()
 
 
-def fresh_engine(backbone: Backbone | None = None, **kw) -> Engine:
+def fresh_engine(backbone: Backbone | None = None, **kw) -> TorchEngine:
     """An engine on a private copy of the backbone (the engine rewires and casts the model it is given)."""
     backbone = backbone or minilm()
     backbone.reset_biases()
-    return Engine(copy.deepcopy(backbone), **kw)
+    return TorchEngine(copy.deepcopy(backbone), **kw)
 
 
 def random_bias_set(
@@ -42,6 +43,7 @@ def random_bias_set(
     seed: int = 0,
     scale: float = 0.3,
     head_seed: int | None = None,
+    input_kind: str | None = None,
 ) -> BiasSet:
     """A bias set of the right shape whose deltas are large enough to change the outputs visibly."""
     g = torch.Generator().manual_seed(seed)
@@ -55,6 +57,7 @@ def random_bias_set(
         labels=list(labels),
         fingerprint=backbone.layout.fingerprint,
         pooling=pooling,
+        input_kind=input_kind,
     )
 
 
@@ -81,7 +84,9 @@ def serve(app, *, timeout: float = 120.0) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    settings = getattr(app.state, "settings", None)
+    keep_alive = settings.keep_alive_s if settings is not None else 75.0
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=keep_alive))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3_server import s3_env, seaweedfs  # noqa: F401  (a real S3 server: one per session, started on first use)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -16,7 +16,7 @@ import torch
 
 from bitfit.bias_set import load_bias_set
 from bitfit.spec import ServingSpec
-from server.app import create_app
+from server.http.app import create_app
 from server.settings import Settings
 from server.testing import alone, fresh_engine, minilm, random_bias_set, serve
 
@@ -119,9 +119,15 @@ def test_health_readiness_docs_and_openapi(api, uploaded):
 
 @pytest.mark.parametrize("task", ["single", "pair", "score"], ids=str)
 def test_predict_answers_as_the_task_alone_and_names_its_version(api, uploaded, random_sets, backbone, task):
+    from server.http.schemas import ClassPrediction, PredictResponse, RegressionPrediction
+
     bias_set = random_sets[task]
     body = predict(api, task, inputs_for(task))
     assert body["task"] == task and body["version"] == uploaded[task]
+    # the answer is exactly the documented contract: it round-trips through the response model unchanged
+    kind = ClassPrediction if bias_set.labels else RegressionPrediction
+    assert PredictResponse.model_validate(body).model_dump() == body
+    assert all(set(p) == set(kind.model_fields) for p in body["predictions"])
     torch.testing.assert_close(outputs_of(body, bias_set.labels), expected(backbone, bias_set, inputs_for(task)),
                                atol=1e-4, rtol=1e-4)
     if bias_set.labels:
@@ -220,6 +226,47 @@ def test_upload_without_activation_leaves_the_active_version(api, uploaded, back
     assert versions[uploaded["single"]]["active"] and not versions[r.json()["version"]]["active"]
 
 
+def test_upload_the_bank_refuses_is_422_removed_from_the_store_and_the_old_version_answers(api, uploaded, backbone,
+                                                                                          monkeypatch):
+    # the store and the bank run one check (the serving spec), so this takes a fault injected into the bank
+    runner = api.app.state.service.runner
+    before_tasks = api.get("/tasks/single").json()
+    old = predict(api, "single", TEXTS)
+
+    async def refuse(key, bias_set):
+        raise RuntimeError("device out of memory (injected)")
+
+    monkeypatch.setattr(runner, "load", refuse)
+    r = api.put("/tasks/single", content=random_bias_set(backbone, "single", ["neg", "pos"], seed=35).to_bytes(),
+                headers=ADMIN)
+    assert r.status_code == 422 and "could not be loaded, so it was removed" in r.json()["detail"]
+    assert "device out of memory (injected)" in r.json()["detail"]
+    monkeypatch.undo()
+    assert api.get("/tasks/single").json() == before_tasks
+    assert predict(api, "single", TEXTS) == old
+
+
+@pytest.mark.parametrize(("kind", "sent", "needle"), [
+    ("text", [["A man plays.", "Someone plays."]], 'takes single texts: {"inputs": ["text", ...]}'),
+    ("pair", ["just one text"], 'takes text pairs: {"inputs": [["text a", "text b"], ...]}'),
+], ids=["pair sent to a single-text task", "single text sent to a pair task"])
+def test_the_wrong_input_kind_is_refused_naming_the_expected_form(api, backbone, kind, sent, needle):
+    task = f"kind-{kind}"
+    bias_set = random_bias_set(backbone, task, seed=51, input_kind=kind)
+    assert api.put(f"/tasks/{task}", content=bias_set.to_bytes(), headers=ADMIN).status_code == 201
+    r = api.post("/predict", params={"task": task}, json={"inputs": sent})
+    assert r.status_code == 422 and needle in r.json()["detail"], r.text
+    right = TEXTS[:1] if kind == "text" else [list(PAIRS[0])]
+    assert api.post("/predict", params={"task": task}, json={"inputs": right}).status_code == 200
+
+
+@pytest.mark.parametrize("task", SHIPPED, ids=str)
+def test_shipped_tasks_refuse_the_other_input_kind(api, task):
+    wrong = [list(PAIRS[0])] if task not in PAIR_TASKS else TEXTS[:1]
+    r = api.post("/predict", params={"task": task}, json={"inputs": wrong})
+    assert r.status_code == 422 and f"task {task!r} takes" in r.json()["detail"]
+
+
 def test_upload_through_one_server_reaches_the_other_within_a_second(api, peer, uploaded, backbone):
     import time
 
@@ -265,6 +312,22 @@ def test_delete_version(api, backbone):
     r = api.post("/predict", params={"task": "vers", "version": a["version"]}, json={"inputs": TEXTS[:1]})
     assert r.status_code == 404
     assert [v["version"] for v in api.get("/tasks/vers").json()["versions"]] == [b["version"]]
+
+
+def test_a_damaged_version_in_the_store_is_a_500_naming_the_damage_and_nothing_else_breaks(api, peer, store_dir,
+                                                                                           backbone):
+    good = api.put("/tasks/harmed", content=random_bias_set(backbone, "harmed", seed=63).to_bytes(),
+                   headers=ADMIN).json()["version"]
+    bad = api.put("/tasks/harmed", params={"activate": "false"}, headers=ADMIN,
+                  content=random_bias_set(backbone, "harmed", seed=64).to_bytes()).json()["version"]
+    path = store_dir / "harmed" / "versions" / f"{bad}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a tensor: the content no longer matches its hash
+    path.write_bytes(bytes(data))
+    # the peer never loaded that version, so it reads it from the store, finds the damage and says so
+    r = peer.post("/predict", params={"task": "harmed", "version": bad}, json={"inputs": TEXTS[:1]})
+    assert r.status_code == 500 and "the store is damaged" in r.json()["detail"], r.text
+    assert predict(peer, "harmed", TEXTS[:1])["version"] == good  # the rest of the task is served as before
 
 
 # -- admin token -------------------------------------------------------------------------------------------
@@ -357,13 +420,13 @@ def test_invalid_upload_is_422_and_store_unchanged(api, uploaded, backbone, case
 
 
 def test_full_queue_answers_503_with_retry_after(api, uploaded):
-    batcher = api.app.state.service.batcher
-    with ThreadPoolExecutor(2) as pool, batcher.hold():  # release the worker before waiting for the pool
+    runner = api.app.state.service.runner
+    with ThreadPoolExecutor(2) as pool, runner.hold():  # release the worker before waiting for the pool
         waiting = [pool.submit(predict, api, "single", ["x"] * 64) for _ in range(2)]  # fills 128 of 128
         import time
 
         deadline = time.monotonic() + 10
-        while batcher.queued < 128 and time.monotonic() < deadline:
+        while runner.queued < 128 and time.monotonic() < deadline:
             time.sleep(0.01)
         r = api.post("/predict", params={"task": "single"}, json={"inputs": ["x"]})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"

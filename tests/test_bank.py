@@ -1,4 +1,5 @@
-"""The bias bank: rows of absolute biases, load before evict, idempotent changes, growth that keeps rows intact."""
+"""The bias bank: rows of absolute biases and one head table, load before evict, idempotent changes, growth that
+keeps rows intact."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from bitfit.errors import BackboneMismatch, BiasSetFormatError
-from server.bank import BiasBank
+from bitfit.spec import ServingSpec
+from server.runtime.bank import BiasBank
 from server.testing import minilm, random_bias_set
 
 
@@ -17,20 +19,33 @@ def backbone():
     return minilm()
 
 
+def new_bank(backbone, **kw):
+    return BiasBank(ServingSpec.of(backbone), backbone.original, **kw)
+
+
 @pytest.fixture
 def bank(backbone):
-    return BiasBank(backbone.layout, backbone.original, backbone.hidden_size, capacity=2)
+    return new_bank(backbone, capacity=2)
 
 
 def snapshot(bank):
-    return bank.keys(), {k: bank.rows[bank.row(k)].clone() for k in bank.keys()}, dict(bank.heads)
+    return bank.keys(), {k: bank.rows[bank.row(k)].clone() for k in bank.keys()}, dict(bank.info)
+
+
+def head_of(bank, key):
+    """A resident head as (weight, bias), read back out of the head table."""
+    info = bank.info[bank.row(key)]
+    return bank.head_weight[info.offset : info.offset + info.count], bank.head_bias[info.offset : info.offset + info.count]
 
 
 def test_row_holds_original_plus_delta(bank, backbone):
     bias_set = random_bias_set(backbone, "a")
     assert bank.load(("a", "v1"), bias_set) is True
     torch.testing.assert_close(bank.rows[bank.row(("a", "v1"))], backbone.original + bias_set.delta)
-    assert bank.heads[bank.row(("a", "v1"))].labels == ("negative", "positive")
+    assert bank.info[bank.row(("a", "v1"))].labels == ("negative", "positive")
+    weight, bias = head_of(bank, ("a", "v1"))
+    torch.testing.assert_close(weight, bias_set.head["out.weight"])
+    torch.testing.assert_close(bias, bias_set.head["out.bias"])
 
 
 def test_load_twice_is_a_no_op(bank, backbone):
@@ -67,7 +82,7 @@ def test_growing_past_capacity_keeps_every_resident_row(bank, backbone):
 
 
 def test_the_table_grows_by_an_eighth_and_reserve_sizes_it_exactly(backbone):
-    bank = BiasBank(backbone.layout, backbone.original, backbone.hidden_size, capacity=64)
+    bank = new_bank(backbone, capacity=64)
     sets = [random_bias_set(backbone, f"t{i}", seed=i) for i in range(66)]
     for i, bias_set in enumerate(sets[:65]):
         bank.load(f"t{i}", bias_set)
@@ -107,21 +122,48 @@ def test_bad_bias_set_is_refused_and_bank_unchanged(bank, backbone, case):
 
 
 def test_pooler_pooling_refused_on_a_backbone_without_pooler(backbone):
-    bank = BiasBank(backbone.layout, backbone.original, backbone.hidden_size, has_pooler=False)
+    spec = dataclasses.replace(ServingSpec.of(backbone), has_pooler=False)
+    bank = BiasBank(spec, backbone.original)
     with pytest.raises(BiasSetFormatError, match="pooler"):
         bank.load("p", random_bias_set(backbone, "p", pooling="pooler"))
     assert len(bank) == 0
 
 
-def test_nbytes_counts_rows_and_heads(bank, backbone):
-    empty = bank.nbytes
-    assert empty == bank.rows.nbytes
+def test_nbytes_counts_rows_and_the_head_table(bank, backbone):
+    assert bank.nbytes == bank.rows.nbytes + bank.head_weight.nbytes + bank.head_bias.nbytes
+    assert bank.head_weight.shape[1] == backbone.hidden_size
+
+
+def test_heads_of_one_width_reuse_a_freed_run_and_wider_ones_grow_the_table(backbone):
+    bank = new_bank(backbone)
     bank.load("a", random_bias_set(backbone, "a"))
-    assert bank.nbytes == empty + (2 * backbone.hidden_size + 2) * 4
+    bank.load("b", random_bias_set(backbone, "b", ["x", "y", "z"], seed=2))
+    offset_a = bank.info[bank.row("a")].offset
+    bank.evict("a")
+    bank.load("c", random_bias_set(backbone, "c", seed=3))  # two labels, like a
+    assert bank.info[bank.row("c")].offset == offset_a
+    wide = random_bias_set(backbone, "wide", [f"l{i}" for i in range(40)], seed=4)
+    bank.load("wide", wide)
+    assert bank.head_weight.shape[0] >= 2 + 3 + 40
+    for key, labels in (("b", 3), ("c", 2), ("wide", 40)):
+        assert head_of(bank, key)[0].shape == (labels, backbone.hidden_size)
+    torch.testing.assert_close(head_of(bank, "wide")[0], wide.head["out.weight"])
+    torch.testing.assert_close(head_of(bank, "b")[0], random_bias_set(backbone, "b", ["x", "y", "z"], seed=2).head["out.weight"])
+
+
+def test_head_index_pads_each_row_to_the_widest_head_of_the_batch(backbone):
+    bank = new_bank(backbone)
+    bank.load("two", random_bias_set(backbone, "two"))
+    bank.load("reg", random_bias_set(backbone, "reg", [], seed=2))
+    rows = [bank.row("two"), bank.row("reg"), bank.row("two")]
+    idx, widths = bank.head_index(rows)
+    two, reg = bank.info[rows[0]], bank.info[rows[1]]
+    assert widths == [2, 1, 2]
+    assert idx.tolist() == [[two.offset, two.offset + 1], [reg.offset, reg.offset], [two.offset, two.offset + 1]]
 
 
 def test_bank_rows_take_the_engine_dtype(backbone):
-    bank = BiasBank(backbone.layout, backbone.original, backbone.hidden_size, dtype=torch.bfloat16)
+    bank = new_bank(backbone, dtype=torch.bfloat16)
     bias_set = random_bias_set(backbone, "a")
     bank.load("a", bias_set)
     assert bank.rows.dtype == torch.bfloat16
@@ -132,7 +174,7 @@ def test_bank_rows_take_the_engine_dtype(backbone):
 def test_mmap_threshold_is_pinned_on_glibc_and_an_explicit_setting_wins(monkeypatch):
     import platform
 
-    from server.bank import pin_mmap_threshold
+    from server.runtime.bank import pin_mmap_threshold
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     monkeypatch.setattr("ctypes.CDLL", lambda *_: pytest.fail("must not override an explicit setting"))

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bitfit_cli.main import main
-from server.app import create_app
+from server.http.app import create_app
 from server.client import BitfitClient, ClientError
 from server.settings import Settings
 from server.testing import fresh_engine, minilm, random_bias_set, serve
@@ -91,10 +91,13 @@ def test_serve_defaults_are_loopback_port_8000_and_store_dir(monkeypatch):
     for key in [k for k in os.environ if k.startswith("BITFIT_")]:
         monkeypatch.delenv(key)
     s = Settings()
-    assert (s.host, s.port, s.store, s.device, s.dtype, s.seed) == ("127.0.0.1", 8000, Path("store"), "cpu",
+    assert (s.host, s.port, s.store, s.device, s.dtype, s.seed) == ("127.0.0.1", 8000, "store", "cpu",
                                                                      "float32", True)
     monkeypatch.setenv("BITFIT_STORE", "/tmp/elsewhere")
-    assert Settings().store == Path("/tmp/elsewhere")
+    assert Settings().store == "/tmp/elsewhere"
+    monkeypatch.setenv("BITFIT_STORE", "s3://bucket/prefix/")
+    assert Settings().store == "s3://bucket/prefix/"
+    assert Settings(store=Path("/tmp/p")).store == "/tmp/p"
 
 
 def test_settings_refuse_bad_combinations_naming_each():

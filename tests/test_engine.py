@@ -113,7 +113,7 @@ def test_swap_after_gather_after_swap_keeps_every_answer(engine, tasks, expected
 
 
 def test_gather_leaves_every_bias_a_view_into_the_flat_buffer(engine, tasks):
-    # gather takes Linear/LayerNorm biases out of the forward (bias=None) and must put the same views back
+    # the banked-bias wrappers compute without the module's bias in a gather batch; nothing may replace it
     _, items, rows = interleave(tasks, engine)
     engine.run(engine.encode(items)[0], rows, "gather")
     for slot, module in engine.slots:
@@ -126,6 +126,47 @@ def test_gather_of_one_task_equals_swap(engine, tasks):
     rows = torch.full((len(tasks["nli"][1]),), engine.bank.row("nli"))
     swap, gather = engine.run(encoded, rows, "swap"), engine.run(encoded, rows, "gather")
     torch.testing.assert_close(torch.stack(gather.outputs), torch.stack(swap.outputs), **F32)
+
+
+def test_a_batch_of_32_rows_from_32_tasks_equals_each_task_alone(backbone):
+    engine = fresh_engine()
+    sets = [random_bias_set(backbone, f"t{i}", [f"l{j}" for j in range(2 + i % 3)] if i % 4 else [],
+                            pooling=("mean", "cls", "pooler", "mean")[i % 4], seed=100 + i) for i in range(32)]
+    for s in sets:
+        engine.bank.load(s.task, s)
+    items = [TEXTS[i % len(TEXTS)] if i % 2 else PAIRS[i % len(PAIRS)] for i in range(32)]
+    out = engine.run(engine.encode(items)[0], [engine.bank.row(s.task) for s in sets])
+    assert out.mode == "gather" and out.widths == [s.num_outputs for s in sets]
+    for s, item, got in zip(sets, items, out.outputs):
+        torch.testing.assert_close(got, alone(backbone, s, [item])[0], **F32, msg=lambda m: f"{s.task}: {m}")
+
+
+def test_the_engine_wraps_every_slot_and_registers_no_hooks(engine):
+    from server.runtime.layers import BankedBias
+
+    assert len(engine.layers) == len(engine.layout.slots) == 50
+    for module in engine.model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    for slot, base in engine.slots:
+        wrapper = engine.model.get_submodule(slot.path)
+        assert isinstance(wrapper, BankedBias) and wrapper.base is base and wrapper.mapping is engine.mapping
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_engine_matches_each_task_alone_in_swap_and_gather(tasks, expected):
+    engine = fresh_engine(compile=True)
+    for name, (bias_set, _) in tasks.items():
+        engine.bank.load(name, bias_set)
+    order, items, rows = interleave(tasks, engine)
+    gather = engine.run(engine.encode(items)[0], rows)
+    assert gather.mode == "gather"
+    for (name, i), got in zip(order, gather.outputs):
+        torch.testing.assert_close(got, expected[name][i], **F32, msg=lambda m: f"{name}[{i}] compiled gather: {m}")
+    for name in ("sent", "nli"):
+        swap = engine.run(engine.encode(tasks[name][1])[0], [engine.bank.row(name)] * len(tasks[name][1]))
+        assert swap.mode == "swap"
+        torch.testing.assert_close(torch.stack(swap.outputs), torch.stack(expected[name]), **F32)
 
 
 def test_outputs_have_each_task_width(engine, tasks):

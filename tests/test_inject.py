@@ -5,7 +5,7 @@ import torch
 
 from bitfit.errors import BitfitError
 from bitfit.heads import TaskHead
-from bitfit.inject import apply_bitfit, inject_biases
+from bitfit.inject import apply_bitfit, count_trainable, inject_biases
 from conftest import tiny_inputs, tiny_model
 
 
@@ -40,7 +40,8 @@ def test_inject_unknown_target_names_the_candidates():
 def test_apply_bitfit_leaves_only_biases_and_head_trainable():
     model = tiny_model("bert")
     head = TaskHead(32, 2)
-    n_train, n_total, pct = apply_bitfit(model, head)
+    assert apply_bitfit(model, head, verbose=False) is model
+    n_train, n_total, pct = count_trainable(model, head)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".bias") for n in trainable)
     assert all(p.requires_grad for p in head.parameters())
@@ -50,6 +51,15 @@ def test_apply_bitfit_leaves_only_biases_and_head_trainable():
     assert pct == pytest.approx(100 * n_train / n_total)
 
 
-def test_apply_bitfit_on_bias_less_model_asks_for_injection():
-    with pytest.raises(BitfitError, match="inject_biases"):
-        apply_bitfit(tiny_model("llama"))
+def test_apply_bitfit_on_bias_less_model_without_injection_asks_for_it():
+    with pytest.raises(BitfitError, match="no bias slots .* pass inject=True"):
+        apply_bitfit(tiny_model("llama"), inject=False)
+
+
+def test_apply_bitfit_with_a_separate_head_injects_nothing_by_default():
+    # the (backbone, head) form gets its backbone from load_backbone, which injected its choice already
+    model = tiny_model("llama")
+    inject_biases(model, ["q_proj"])
+    apply_bitfit(model, TaskHead(32, 2), verbose=False)
+    injected = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if getattr(m, "bitfit_injected", False)}
+    assert injected == {"q_proj"}

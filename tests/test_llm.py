@@ -15,7 +15,7 @@ from bitfit.backbone import Backbone, finish_backbone, load_backbone
 from bitfit_cli.main import main
 from bitfit.errors import BitfitError
 from bitfit.heads import TaskHead, TaskModel, pool
-from bitfit.inject import apply_bitfit
+from bitfit.inject import apply_bitfit, count_trainable
 from bitfit import llm
 from conftest import TOLERANCES, tiny_model
 
@@ -107,7 +107,8 @@ def test_injection_choice_sets_the_slots_and_the_trainable_share(inject):
     assert {s.kind for s in backbone.layout.slots} == {"injected"}  # RMSNorm has no bias: only injected slots
     assert backbone.layout.size == layers * sum(sizes[p] for p in names)
     head = TaskHead(backbone.hidden_size, 2, "last")
-    n_train, n_total, _ = apply_bitfit(backbone.model, head)
+    apply_bitfit(backbone.model, head, inject=False, verbose=False)  # the backbone holds the injection choice
+    n_train, n_total, _ = count_trainable(backbone.model, head)
     assert n_train == backbone.layout.size + backbone.hidden_size * 2 + 2
     assert torch.count_nonzero(backbone.original) == 0
 
@@ -266,8 +267,8 @@ def test_llama_predict_over_http_matches_each_task_alone(llama_tasks, tmp_path):
 
     import httpx
 
-    from server.app import create_app
-    from server.engine import Engine
+    from server.http.app import create_app
+    from server.runtime.engine import TorchEngine as Engine
     from server.settings import Settings
     from server.testing import alone, serve
 
@@ -289,3 +290,27 @@ def test_llama_predict_over_http_matches_each_task_alone(llama_tasks, tmp_path):
         want = torch.stack(alone(backbone, sets[name], TEXTS)).softmax(-1)
         got = torch.tensor([[p["scores"][label] for label in sets[name].labels] for p in answer["predictions"]])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_pooler_set_on_a_backbone_without_pooler_is_422_and_the_old_version_answers(llama_tasks, tmp_path):
+    import httpx
+
+    from server.http.app import create_app
+    from server.runtime.engine import TorchEngine
+    from server.settings import Settings
+    from server.testing import random_bias_set, serve
+
+    backbone, sets = llama_tasks
+    settings = Settings(store=tmp_path / "store", admin_token="t", seed=False)
+    app = create_app(settings, engine=TorchEngine(copy.deepcopy(backbone)))
+    auth = {"Authorization": "Bearer t"}
+    with serve(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        v1 = client.put("/tasks/a", content=sets["a"].to_bytes(), headers=auth).json()["version"]
+        before = client.post("/predict", params={"task": "a"}, json={"inputs": TEXTS}).json()
+        pooled = random_bias_set(backbone, "a", pooling="pooler", seed=9)
+        r = client.put("/tasks/a", content=pooled.to_bytes(), headers=auth)
+        assert r.status_code == 422, r.text
+        assert "pooling 'pooler' needs a backbone with a pre-trained pooler" in r.json()["detail"]
+        after = client.post("/predict", params={"task": "a"}, json={"inputs": TEXTS}).json()
+        assert after == before and after["version"] == v1
+        assert [v["version"] for v in client.get("/tasks/a").json()["versions"]] == [v1]

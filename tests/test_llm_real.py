@@ -110,7 +110,7 @@ def test_smollm2_mixed_batch_gather_matches_each_task_alone(backbone, tasks):
 def test_serve_smollm2_by_alias_predicts_over_http_and_refuses_minilm_sets(backbone, tasks, tmp_path):
     import httpx
 
-    from server.app import create_app
+    from server.http.app import create_app
     from server.settings import Settings
     from server.testing import alone, serve
 

@@ -228,3 +228,64 @@ def test_bitfit_moves_only_bias_slots_and_head():
     moved = changed(before, backbone.model)
     assert moved and moved <= slots
     assert trainable_scalars(model) == backbone.layout.size + sum(p.numel() for p in model.head.parameters())
+
+
+# --- ia3 ----------------------------------------------------------------------------------------
+
+# per family: the key/value projections and the MLP's down projection (whose input (IA)^3 scales), {i} the layer
+IA3_CASES = {
+    "bert": (["encoder.layer.{i}.attention.self.key", "encoder.layer.{i}.attention.self.value"], ["encoder.layer.{i}.output.dense"]),
+    "distilbert": (["transformer.layer.{i}.attention.k_lin", "transformer.layer.{i}.attention.v_lin"], ["transformer.layer.{i}.ffn.lin2"]),
+    "llama": (["layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj"], ["layers.{i}.mlp.down_proj"]),
+    "t5": (["encoder.block.{i}.layer.0.SelfAttention.k", "encoder.block.{i}.layer.0.SelfAttention.v"], ["encoder.block.{i}.layer.1.DenseReluDense.wo"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(IA3_CASES), ids=list(IA3_CASES))
+def test_ia3_targets_keys_values_and_the_mlp_down_projection_never_the_attention_output(kind):
+    from bitfit.methods import ia3_targets
+
+    kv, down = IA3_CASES[kind]
+    targets, feedforward = ia3_targets(tiny_model(kind))
+    assert sorted(targets) == sorted(p.format(i=i) for i in range(2) for p in kv + down)
+    assert sorted(feedforward) == sorted(p.format(i=i) for i in range(2) for p in down)
+    assert not any("attention.output" in t for t in targets)
+
+
+def test_ia3_refuses_a_model_without_separate_key_and_value_projections():
+    from bitfit.methods import ia3_targets
+
+    with pytest.raises(BitfitError, match=r"ia3: no key/value.*\['c_attn', 'c_fc', 'c_proj'\]"):
+        ia3_targets(tiny_model("gpt2"))
+
+
+def test_ia3_leaves_every_base_weight_unchanged_and_moves_its_vectors_and_the_head():
+    from peft.tuners.ia3 import IA3Layer
+
+    backbone = tiny_backbone()
+    before = {n: t.clone() for n, t in backbone.model.state_dict().items()}
+    model = task_model(backbone)
+    head_before = snapshot(model.head)
+    inputs = tiny_inputs()
+    base_out = model.eval()(**inputs).detach()
+    hook = get_method("ia3").prepare(model, backbone, 0)
+    layers = {p: m for p, m in backbone.model.named_modules() if isinstance(m, IA3Layer)}
+    assert sorted(layers) == sorted(f"encoder.layer.{i}.{w}" for i in range(2)
+                                    for w in ("attention.self.key", "attention.self.value", "output.dense"))
+    # the MLP's vector scales the down projection's input (intermediate size 37), the others its output (32)
+    assert {p: m.is_feedforward for p, m in layers.items()} == {p: p.endswith("output.dense") for p in layers}
+    assert {p: m.ia3_l["default"].numel() for p, m in layers.items()} == {p: 37 if p.endswith("output.dense") else 32 for p in layers}
+    torch.testing.assert_close(model(**inputs), base_out)  # vectors start at one: outputs unchanged until trained
+    assert trainable_scalars(model) == 2 * (32 + 32 + 37) + sum(p.numel() for p in model.head.parameters())
+    take_steps(model, hook)
+    after = backbone.model.state_dict()
+    for name, old in before.items():
+        new = after.get(name)
+        if new is None:  # PEFT moves a wrapped layer's own tensors under `.base_layer`
+            module, leaf = name.rsplit(".", 1)
+            new = after[f"{module}.base_layer.{leaf}"]
+        assert torch.equal(new, old), name
+    assert all(not torch.equal(m.ia3_l["default"].detach(), torch.ones_like(m.ia3_l["default"])) for m in layers.values())
+    assert changed(head_before, model.head) == {"out.weight", "out.bias"}
+    model.head.load_state_dict(head_before)
+    assert not torch.allclose(model(**inputs), base_out), "the vectors must change the outputs"

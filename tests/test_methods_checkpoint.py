@@ -14,7 +14,7 @@ from bitfit.train import TrainConfig, TrainResult
 from conftest import TOLERANCES, tiny_inputs
 from test_methods import one_thread, take_steps, task_model, tiny_backbone, tiny_tokenizer, toy_task  # noqa: F401 (fixture)
 
-NOT_SERVABLE = ["full", "lora", "random"]
+NOT_SERVABLE = ["full", "lora", "ia3", "random"]
 
 
 

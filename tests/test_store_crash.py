@@ -5,85 +5,14 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import random
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import pytest
-from test_store_support import tiny_layout, tiny_spec, valid_bytes
+from test_store_support import TASKS, State, sigkill_rounds, tiny_layout, tiny_spec, valid_bytes
 
-from bias_store import BiasStore, TaskNotFound, validate
+from bias_store import BiasStore, validate
 from bias_store.store import version_id
-
-TASKS = ("sst2", "cola")
-State = dict[str, tuple[frozenset, str | None]]  # task -> (versions, active)
-
-
-def _churn(root: str, spec, blobs: dict[str, list[bytes]], log_path: str, seed: int) -> None:
-    """Loop uploads, activations and deletes forever, logging each op before it starts and once acknowledged."""
-    rng = random.Random(seed)
-    store = BiasStore(root, spec)
-    log = open(log_path, "a", buffering=1)  # one write(2) per line: a line survives SIGKILL once written
-
-    def run(op: str, fn, *args, **kw):
-        log.write(f"begin {op}\n")
-        fn(*args, **kw)
-        log.write(f"ok {op}\n")
-
-    while True:
-        task = rng.choice(TASKS)
-        try:
-            info = store.task(task)
-        except TaskNotFound:
-            info = None
-        r = rng.random()
-        if info is None or r < 0.5:
-            data, act = rng.choice(blobs[task]), rng.random() < 0.7
-            run(f"put {task} {version_id(data)} {int(act)}", store.put, task, data, activate=act)
-        elif r < 0.85:
-            v = rng.choice(info.versions).version
-            run(f"activate {task} {v}", store.activate, task, v)
-        else:
-            inactive = [x.version for x in info.versions if not x.active and info.active]
-            if inactive:
-                v = rng.choice(inactive)
-                run(f"delete {task} {v}", store.delete_version, task, v)
-
-
-def _apply(state: State, op: str) -> State:
-    """The store's documented effect of one logged op, on the model state."""
-    kind, task, v, *rest = op.split()
-    state = dict(state)
-    versions, active = state.get(task, (frozenset(), None))
-    if kind == "put":
-        versions, active = versions | {v}, v if rest == ["1"] else active
-    elif kind == "activate":
-        active = v
-    elif kind == "delete":
-        versions = versions - {v}
-    if versions:
-        state[task] = (versions, active)
-    else:
-        state.pop(task, None)
-    return state
-
-
-def _replay(log_text: str, state: State) -> tuple[State, str | None, int]:
-    """(state after every acknowledged op, the op in flight at the kill or None, number of acks)."""
-    inflight, acks = None, 0
-    for line in log_text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        word, op = line.rstrip("\n").split(" ", 1)
-        if word == "begin":
-            inflight = op
-        else:
-            assert op == inflight, f"ack {op!r} for {inflight!r}"
-            state, inflight, acks = _apply(state, op), None, acks + 1
-    return state, inflight, acks
-
 
 def _observe(store: BiasStore, blobs: dict[str, list[bytes]]) -> State:
     """The store's state, after checking every listed version reads back intact and nothing stray is left."""
@@ -103,30 +32,11 @@ def _observe(store: BiasStore, blobs: dict[str, list[bytes]]) -> State:
 
 
 def test_sigkill_during_uploads_and_activations_leaves_old_or_new_state(tmp_path):
-    layout, spec = tiny_layout(), tiny_spec()
+    layout, spec, root = tiny_layout(), tiny_spec(), tmp_path / "store"
     blobs = {t: [valid_bytes(layout, task=t, seed=i) for i in range(4)] for t in TASKS}
-    ctx, rng = mp.get_context("fork"), random.Random(1234)
-    state: State = {}
-    rounds = acks = midway = 0
-    start = time.monotonic()
     # 30 kills, and more until 30 operations were acknowledged (a loaded machine does fewer per kill)
-    while (rounds < 30 or acks < 30) and rounds < 300 and time.monotonic() - start < 60.0:
-        log_path = tmp_path / f"log{rounds}"
-        child = ctx.Process(target=_churn, args=(str(tmp_path / "store"), tiny_spec(), blobs, str(log_path), rounds))
-        child.start()
-        began = time.monotonic()  # kill inside the operations, not while the child is still starting
-        while not (log_path.exists() and log_path.read_text()) and time.monotonic() - began < 5.0:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.02, 0.12))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
-        assert child.exitcode == -signal.SIGKILL
-
-        acked, inflight, n = _replay(log_path.read_text() if log_path.exists() else "", state)
-        observed = _observe(BiasStore(tmp_path / "store", spec), blobs)  # opening recovers
-        allowed = [acked] + ([_apply(acked, inflight)] if inflight else [])
-        assert observed in allowed, f"round {rounds}: in flight {inflight!r}\n{observed}\nnot in\n{allowed}"
-        state, rounds, acks, midway = observed, rounds + 1, acks + n, midway + bool(inflight)
+    rounds, acks, midway = sigkill_rounds(str(root), blobs, lambda: _observe(BiasStore(root, spec), blobs), tmp_path,
+                                          min_rounds=30, min_acks=30, time_cap=60.0)
     print(f"{rounds} kills, {acks} acknowledged ops, {midway} kills inside an operation")
     assert rounds >= 20 and acks >= 30, (rounds, acks)
     assert midway >= rounds // 2, f"only {midway} of {rounds} kills landed inside an operation"
