@@ -70,10 +70,7 @@ LABEL org.opencontainers.image.title="bitfit-serve" \
 
 # Offline at run time: the backbone ships in the image and nothing may reach a model hub. `bitfit serve` reads every
 # setting from BITFIT_<NAME> (BITFIT_ADMIN_TOKEN, BITFIT_DEVICE, BITFIT_THREADS, ...), so `docker run -e` changes it.
-# A fixed mmap threshold keeps glibc from ratcheting it up as the bank reallocates, which leaves freed tables in the
-# heap: 2.1x the raw bytes per task at 10,000 tasks without it, 1.1x with it (BENCHMARKS.md, memory per task).
 ENV PATH=/opt/venv/bin:$PATH \
-    MALLOC_MMAP_THRESHOLD_=65536 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \

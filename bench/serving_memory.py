@@ -5,9 +5,9 @@ the benchmark holds (other models, other banks) counts in it.
 
 Prints one JSON line: the process RSS after the backbone is loaded and has run one forward (count 0), then
 after each count of resident tasks, with the raw bytes one task's tensors take. Kinds:
-- bank:          our engine as shipped: tasks loaded into its `BiasBank` (table grown by 1/8, mmap threshold pinned);
+- bank:          our engine as shipped: tasks loaded into its `BiasBank` (table grown by 1/8, each table its own memory mapping);
 - bank-reserved: as shipped, loading a whole store at start: the server reserves the rows in one go;
-- bank-doubling: the engine as it was before: the table doubling, glibc's default (sliding) mmap threshold,
+- bank-doubling: the engine as it was before: the table doubling, tables from the heap (glibc's sliding mmap threshold),
                  monkeypatched here only, for comparison;
 - peft:         PEFT LoRA adapters (rank 8 on query/value), one per task, added to one model;
 - copies:       one full copy of the model per task.
@@ -55,13 +55,11 @@ def probe(kind: str, counts: list[int]) -> dict:
     encoded = backbone.encode(["a short warm-up sentence for the allocator"] * 8)
     points, raw, extra = [], 0, {}
     if kind in ("bank", "bank-reserved", "bank-doubling"):
-        from server.runtime.bank import BiasBank, pin_mmap_threshold
+        from server.runtime.bank import BiasBank
         from server.runtime.engine import TorchEngine as Engine
 
         if kind == "bank-doubling":
             BiasBank._grow = doubling_grow
-        else:
-            pin_mmap_threshold()  # as `bitfit serve` does
         engine = Engine(backbone)
         with torch.inference_mode():
             engine.model(**encoded)

@@ -86,26 +86,27 @@ def save_task_model(model: TaskModel, backbone: Backbone, data, result, config, 
     return write_atomic(path, st_save(tensors, metadata=meta))
 
 
-def is_task_model(path) -> bool:
-    """Whether the file at `path` claims to be a task-model checkpoint (reads the header only)."""
+def file_format(path) -> str | None:
+    """The `format` a safetensors file's metadata claims, reading the header only (None: not such a file)."""
     path = Path(path)
     if not path.is_file():
-        return False
+        return None
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            return False
+            return None
         n = int.from_bytes(head, "little")
         if n > 100_000_000:
-            return False
+            return None
         data = head + f.read(n)
     try:
-        return read_metadata(data).get("format") == FORMAT
+        return read_metadata(data).get("format")
     except BiasSetFormatError:
-        return False
+        return None
 
 
-def load_task_model(path) -> TaskCheckpoint:
+def read_checkpoint(path, fmt: str, version: str, required: tuple[str, ...]) -> tuple[dict, dict, dict, dict, int]:
+    """A checkpoint file's tensors, metadata, metrics, train_args and seed, its format and keys checked."""
     path = Path(path)
     if not path.is_file():
         raise BiasSetFormatError(f"no checkpoint file at {path}")
@@ -115,17 +116,33 @@ def load_task_model(path) -> TaskCheckpoint:
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise BiasSetFormatError(f"not a safetensors file: {e}") from None
     meta = read_metadata(data)
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    missing = [k for k in required if k not in meta]
     if missing:
         raise BiasSetFormatError(f"checkpoint metadata lacks {missing}")
-    if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
-        raise BiasSetFormatError(f"not a {FORMAT} v{FORMAT_VERSION} file ({meta['format']} v{meta['format_version']})")
+    if meta["format"] != fmt or meta["format_version"] != version:
+        raise BiasSetFormatError(f"not a {fmt} v{version} file ({meta['format']} v{meta['format_version']})")
     try:
-        labels = json.loads(meta["labels"])
         metrics = json.loads(meta.get("metrics", "{}"))
         train_args = json.loads(meta.get("train_args", "{}"))
         seed = int(meta["seed"])
     except (json.JSONDecodeError, ValueError) as e:
         raise BiasSetFormatError(f"checkpoint metadata is malformed: {e}") from None
-    return TaskCheckpoint(meta["task"], meta["method"], labels, meta["pooling"], meta["backbone_fingerprint"], seed,
-                          tensors, metrics, train_args)
+    return tensors, meta, metrics, train_args, seed
+
+
+def metadata_list(meta: dict, key: str) -> list:
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise BiasSetFormatError(f"checkpoint metadata is malformed: {key}: {e}") from None
+
+
+def is_task_model(path) -> bool:
+    """Whether the file at `path` claims to be a task-model checkpoint (reads the header only)."""
+    return file_format(path) == FORMAT
+
+
+def load_task_model(path) -> TaskCheckpoint:
+    tensors, meta, metrics, train_args, seed = read_checkpoint(path, FORMAT, FORMAT_VERSION, REQUIRED_KEYS)
+    return TaskCheckpoint(meta["task"], meta["method"], metadata_list(meta, "labels"), meta["pooling"],
+                          meta["backbone_fingerprint"], seed, tensors, metrics, train_args)

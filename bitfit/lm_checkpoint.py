@@ -13,11 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from bitfit.bias_set import read_metadata
+from bitfit.checkpoint import file_format, metadata_list, read_checkpoint
 from bitfit.errors import BackboneMismatch, BiasSetFormatError
 from bitfit.files import write_atomic
 
@@ -83,44 +81,10 @@ def save_lm_model(model, backbone, task: str, result, config, template: str, sto
 
 def is_lm_model(path) -> bool:
     """Whether the file at `path` claims to be an LM checkpoint (reads the header only)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return False
-        n = int.from_bytes(head, "little")
-        if n > 100_000_000:
-            return False
-        data = head + f.read(n)
-    try:
-        return read_metadata(data).get("format") == FORMAT
-    except BiasSetFormatError:
-        return False
+    return file_format(path) == FORMAT
 
 
 def load_lm_model(path) -> LMCheckpoint:
-    path = Path(path)
-    if not path.is_file():
-        raise BiasSetFormatError(f"no checkpoint file at {path}")
-    data = path.read_bytes()
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        raise BiasSetFormatError(f"not a safetensors file: {e}") from None
-    meta = read_metadata(data)
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise BiasSetFormatError(f"checkpoint metadata lacks {missing}")
-    if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
-        raise BiasSetFormatError(f"not a {FORMAT} v{FORMAT_VERSION} file ({meta['format']} v{meta['format_version']})")
-    try:
-        stop = json.loads(meta["stop"])
-        metrics = json.loads(meta.get("metrics", "{}"))
-        train_args = json.loads(meta.get("train_args", "{}"))
-        seed = int(meta["seed"])
-    except (json.JSONDecodeError, ValueError) as e:
-        raise BiasSetFormatError(f"checkpoint metadata is malformed: {e}") from None
+    tensors, meta, metrics, train_args, seed = read_checkpoint(path, FORMAT, FORMAT_VERSION, REQUIRED_KEYS)
     return LMCheckpoint(meta["task"], meta["method"], meta["backbone_fingerprint"], seed, meta["prompt_template"],
-                        stop, tensors, metrics, train_args)
+                        metadata_list(meta, "stop"), tensors, metrics, train_args)

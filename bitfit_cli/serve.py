@@ -27,7 +27,6 @@ def cmd_serve(args) -> int:
     from bias_store.errors import StoreError
     from server.http.app import create_app, open_configured_store, start_runner
     from server.http.auth import TokenFileError, TokenRegistry
-    from server.runtime.bank import pin_mmap_threshold
     from server.settings import Settings
 
     given = {
@@ -45,7 +44,6 @@ def cmd_serve(args) -> int:
             print(f"bitfit serve: error: {e}", file=sys.stderr)
             return 2
         print(f"bitfit serve: {n} tokens from {settings.tokens_file} (re-read when it changes)", file=sys.stderr)
-    pin_mmap_threshold()  # before the bank allocates anything
     backend = settings.backend + (f", {settings.quantize} weights" if settings.quantize != "none" else "")
     print(f"bitfit serve: loading the backbone on {settings.device} ({settings.dtype}, {backend}, in "
           f"{'its own process' if settings.runner == 'process' else 'this process'}) ...", file=sys.stderr)

@@ -119,9 +119,6 @@ class ReplicaHeaders:
 @serve.ingress()  # the app is built in each replica (`__serve_build_asgi_app__`), after its constructor
 class BitfitServe:
     def __init__(self, given: dict[str, Any], multiplex: bool = False, multiplex_tasks: int = 64):
-        from server.runtime.bank import pin_mmap_threshold
-
-        pin_mmap_threshold()  # as `bitfit serve` does, before the bank allocates anything
         self.settings = Settings(**given)
         self.multiplex = multiplex
         if multiplex:

@@ -89,3 +89,13 @@ def fresh_minilm(minilm_backbone):
 def write_rows(path: Path, header: list[str], rows: list[list[str]], sep: str = "\t") -> Path:
     path.write_text("\n".join(sep.join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytest.mark.usefixtures("one_torch_thread")`): small ops on a busy 2-core
+    machine wait for a second thread that is not scheduled (a 12-token decode took minutes with 2 threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,6 +4,7 @@ keeps rows intact."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -171,14 +172,24 @@ def test_bank_rows_take_the_engine_dtype(backbone):
     torch.testing.assert_close(bank.rows[bank.row("a")], (backbone.original + bias_set.delta).to(torch.bfloat16))
 
 
-def test_mmap_threshold_is_pinned_on_glibc_and_an_explicit_setting_wins(monkeypatch):
-    import platform
+def mapped(address: int) -> bool:
+    """Whether `address` lies in one of this process's memory mappings (Linux)."""
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= address < hi:
+            return True
+    return False
 
-    from server.runtime.bank import pin_mmap_threshold
 
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    monkeypatch.setattr("ctypes.CDLL", lambda *_: pytest.fail("must not override an explicit setting"))
-    assert pin_mmap_threshold() is True
-    monkeypatch.undo()
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert pin_mmap_threshold() is (platform.libc_ver()[0] == "glibc")
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_table_the_bank_outgrows_goes_back_to_the_os_when_freed(backbone):
+    import gc
+
+    bank = BiasBank(ServingSpec.of(backbone), backbone.original, capacity=8)
+    old = bank.rows.data_ptr()
+    assert mapped(old) and bank.rows.abs().sum() == 0  # a zeroed table
+    bank.reserve(2000)  # 2,000 rows of 104 KB: far above any allocator's threshold for the heap
+    gc.collect()
+    assert not mapped(old), "the outgrown table is still mapped"
+    bank.load("a", random_bias_set(backbone, "a", seed=1))  # the new table is written as any other
+    assert bank.rows[bank.row("a")].abs().sum() > 0

@@ -19,19 +19,11 @@ from bitfit.train import TrainConfig, train
 from conftest import TOLERANCES, tiny_config
 from test_llm import tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 F32 = TOLERANCES[torch.float32]
 TEMPLATE = "w90 {input} w91"
 EOS = 2  # "</s>" of the tiny tokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: decoding is many small ops, and on a shared 2-core machine a second thread that
-    is not scheduled makes every op wait for it (a 12-token decode took minutes with 2 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_lm(seed: int = 0):

@@ -22,18 +22,8 @@ from conftest import TOLERANCES
 from test_e2e import E2E_DIR
 from test_llm_real import missing_package
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 SHIPPED = Path(__file__).resolve().parents[1] / "server" / "seed" / "smollm2" / "e2e.safetensors"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: decoding is many small ops, and on a shared 2-core machine a second thread that
-    is not scheduled makes every op wait for it (a 12-token decode took minutes with 2 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

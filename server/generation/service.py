@@ -7,13 +7,17 @@ version) or pins one with `task@version`; a pinned version is loaded if it is st
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from bias_store.errors import InvalidTaskName, TaskNotFound, VersionNotFound
 from bitfit.lm import MAX_STOP_CHARS, MAX_STOPS, render_prompt
 from server.errors import InvalidInput
+
 from server.generation.sampling import SamplingParams
 from server.generation.scheduler import GenerationScheduler, GenerationStream
+
+log = logging.getLogger(__name__)
 
 
 class ModelNotFound(TaskNotFound):
@@ -129,6 +133,10 @@ def build_generation(runner, tasks, settings) -> GenerationService | None:
         return GenerationService(tasks, remote, settings)
     engine = getattr(runner, "engine", None)
     spec = getattr(runner, "spec", None)
+    if getattr(spec, "generates", False) and settings.backend != "torch":
+        log.warning("generation (/v1) needs the torch backend (a KV cache); with --backend %s this server answers "
+                    "/predict only: serve generation tasks with --backend torch", settings.backend)
+        return None
     if engine is None or spec is None or not getattr(spec, "generates", False) or engine.name != "torch":
         return None
     from server.runtime.runner import Call

@@ -2,7 +2,7 @@
 
 `model` is a generation task's name (its active version answers) or `task@version` (that version answers). Fields
 OpenAI defines that this server does not honour are refused unless left at their neutral value (`n` 1,
-penalties 0, no logprobs); fields it does not know are ignored, as OpenAI's own server ignores them.
+penalties 0, no logprobs); fields it does not know are ignored, so clients that send extras still work.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ The bank is not thread-safe: one thread (the runner's worker) owns it.
 
 from __future__ import annotations
 
-import ctypes
-import os
+import math
+import mmap
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -57,22 +57,20 @@ def grow(n: int) -> int:
     return n + max(8, n // 8)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+def table(*shape: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zeroed table for the bank. On the CPU each table is its own anonymous memory mapping, so that a table the
+    bank has outgrown goes back to the OS the moment it is freed, whatever glibc does with its heap.
 
-
-def pin_mmap_threshold(nbytes: int = 65536) -> bool:
-    """Fix glibc's mmap threshold, so that reallocated bank tables go back to the OS (call once per process).
-
-    glibc raises the threshold every time a large block is freed, after which big tables come from the heap and
-    the old ones stay there: 2.1x the raw bytes per task at 10,000 tasks instead of 1.1x (docs/benchmarks.md).
-    An explicit MALLOC_MMAP_THRESHOLD_ wins; returns whether the threshold is now fixed.
+    From the heap, freed tables stay: glibc raises its mmap threshold each time a large block is freed, after
+    which big tables come from the heap, 2.1x the raw bytes per task at 10,000 tasks instead of 1.1x
+    (docs/benchmarks.md). Fixing the threshold low instead (mallopt, as before) mapped every large block of the
+    process, the activations of each forward included, and faulted them in page by page: 28 % more CPU per input
+    over HTTP (bench/runtime.py). A mapping is zero-filled and its pages are only resident once written.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return True
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to pin
-        return False
+    if device.type != "cpu" or math.prod(shape) == 0:
+        return torch.zeros(*shape, device=device, dtype=dtype)
+    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(*shape)
 
 
 class BiasBank:
@@ -89,9 +87,9 @@ class BiasBank:
             raise ValueError(f"original biases have {original.numel()} values, the spec says {spec.layout_size}")
         self.spec, self.device, self.dtype = spec, torch.device(device), dtype
         self.original = original.to(torch.float32).cpu()
-        self.rows = torch.zeros(max(capacity, 1), spec.layout_size, device=self.device, dtype=dtype)  # (capacity, N)
-        self.head_weight = torch.zeros(16, spec.hidden, device=self.device)  # (R, hidden) float32
-        self.head_bias = torch.zeros(16, device=self.device)  # (R,)
+        self.rows = table(max(capacity, 1), spec.layout_size, device=self.device, dtype=dtype)  # (capacity, N)
+        self.head_weight = table(16, spec.hidden, device=self.device)  # (R, hidden) float32
+        self.head_bias = table(16, device=self.device)  # (R,)
         self.info: dict[int, RowInfo] = {}  # row -> what it holds
         self._index: dict[Hashable, int] = {}  # key -> row
         self._free = list(range(self.rows.shape[0] - 1, -1, -1))  # pop() hands out the lowest row first
@@ -171,7 +169,7 @@ class BiasBank:
     def _grow(self, capacity: int) -> None:
         old = self.rows
         n = old.shape[0]
-        self.rows = torch.zeros(capacity, old.shape[1], device=self.device, dtype=self.dtype)
+        self.rows = table(capacity, old.shape[1], device=self.device, dtype=self.dtype)
         self.rows[:n].copy_(old)
         self._free = list(range(capacity - 1, n - 1, -1)) + self._free  # new rows after the freed ones
 
@@ -182,8 +180,8 @@ class BiasBank:
         offset, end = self._head_end, self._head_end + count
         if end > self.head_weight.shape[0]:
             size = max(grow(self.head_weight.shape[0]), end)
-            weight = torch.zeros(size, self.spec.hidden, device=self.device)
-            bias = torch.zeros(size, device=self.device)
+            weight = table(size, self.spec.hidden, device=self.device)
+            bias = table(size, device=self.device)
             weight[:offset].copy_(self.head_weight[:offset])
             bias[:offset].copy_(self.head_bias[:offset])
             self.head_weight, self.head_bias = weight, bias

@@ -59,6 +59,38 @@ def choose_mode(n_tasks: int, group_max_tasks: int = 1) -> str:
     return "group" if n_tasks <= group_max_tasks else "gather"
 
 
+def batch_plan(bank: BiasBank, rows, mode: str | None) -> tuple[list[int], list[int], str]:
+    """The batch's rows as a list, its distinct rows, and the mode to run it in; refuses rows that hold no task,
+    an unknown mode and a swap of several tasks. Shared by every backend."""
+    rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+    unique = sorted(set(rows))
+    for r in unique:
+        if r not in bank.info:
+            raise KeyError(f"bank row {r} holds no task")
+    mode = mode or choose_mode(len(unique))
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode == "swap" and len(unique) != 1:
+        raise ValueError(f"swap runs one task per batch, this batch has rows {unique}")
+    return rows, unique, mode
+
+
+def run_grouped(bank: BiasBank, batch, rows: list[int], unique: list[int], run_one) -> BatchOutput:
+    """Group mode: `run_one(part, row)` -> (logits, widths) on each task's inputs alone, scattered back in order."""
+    b = len(rows)
+    m = max(bank.info[r].count for r in unique)
+    logits, widths = torch.zeros(b, m), [0] * b
+    device = next(iter(batch.values())).device
+    for r in unique:
+        idx = [i for i, x in enumerate(rows) if x == r]
+        take = torch.tensor(idx, device=device)
+        out, w = run_one({k: v.index_select(0, take) for k, v in batch.items()}, r)
+        logits[idx, : out.shape[1]] = out
+        for i, width in zip(idx, w):
+            widths[i] = width
+    return BatchOutput(logits, widths, "group")
+
+
 def run_heads(bank: BiasBank, hidden, mask, pooler, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
     """Pool once per pooling kind in the batch, then every row's own head in one batched product, in float32.
 
@@ -138,23 +170,14 @@ class TorchEngine:
 
         `mode` None picks swap for one task and gather for several; tests force each mode.
         """
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        unique = sorted(set(rows))
-        for r in unique:
-            if r not in self.bank.info:
-                raise KeyError(f"bank row {r} holds no task")
-        mode = mode or choose_mode(len(unique))
+        rows, unique, mode = batch_plan(self.bank, rows, mode)
+        if mode == "group":
+            return run_grouped(self.bank, batch, rows, unique, self._run_one)
         if mode == "swap":
-            if len(unique) != 1:
-                raise ValueError(f"swap runs one task per batch, this batch has rows {unique}")
             self._swap_in(unique[0])
             hidden, pooler = self._forward(batch)
-        elif mode == "gather":
-            hidden, pooler = self._gather_forward(batch, rows)
-        elif mode == "group":
-            return self._group(batch, rows, unique)
         else:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+            hidden, pooler = self._gather_forward(batch, rows)
         logits, widths = self._heads(hidden, batch["attention_mask"], pooler, rows)
         return BatchOutput(logits, widths, mode)
 
@@ -179,21 +202,10 @@ class TorchEngine:
         finally:
             self.mapping.rows = None
 
-    def _group(self, batch, rows: list[int], unique: list[int]) -> BatchOutput:
-        b = len(rows)
-        m = max(self.bank.info[r].count for r in unique)
-        logits, widths = torch.zeros(b, m), [0] * b
-        for r in unique:
-            idx = [i for i, x in enumerate(rows) if x == r]
-            take = torch.tensor(idx, device=self.device)
-            part = {k: v.index_select(0, take) for k, v in batch.items()}
-            self._swap_in(r)
-            hidden, pooler = self._forward(part)
-            out, w = self._heads(hidden, part["attention_mask"], pooler, [r] * len(idx))
-            logits[idx, : out.shape[1]] = out
-            for i, width in zip(idx, w):
-                widths[i] = width
-        return BatchOutput(logits, widths, "group")
+    def _run_one(self, part, row: int) -> tuple[torch.Tensor, list[int]]:
+        self._swap_in(row)
+        hidden, pooler = self._forward(part)
+        return self._heads(hidden, part["attention_mask"], pooler, [row] * part["attention_mask"].shape[0])
 
     def _heads(self, hidden, mask, pooler, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
         return run_heads(self.bank, hidden, mask, pooler, rows)

@@ -22,7 +22,7 @@ import torch
 from bitfit.backbone import Backbone
 from bitfit.spec import ServingSpec
 from server.runtime.bank import BiasBank
-from server.runtime.engine import MODES, BatchOutput, choose_mode, run_heads
+from server.runtime.engine import BatchOutput, batch_plan, run_grouped, run_heads
 from server.runtime.inputs import Encoded, Encoder, Item
 from server.runtime.onnx_export import BIASES, ExportFailed, Graph, ensure_graph
 
@@ -99,18 +99,9 @@ class OrtEngine:
         swap and gather are one and the same graph run here (the mode is kept for the metrics and for the
         torch engine's contract: swap refuses a batch of several tasks); group runs one graph per task.
         """
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        unique = sorted(set(rows))
-        for r in unique:
-            if r not in self.bank.info:
-                raise KeyError(f"bank row {r} holds no task")
-        mode = mode or choose_mode(len(unique))
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "swap" and len(unique) != 1:
-            raise ValueError(f"swap runs one task per batch, this batch has rows {unique}")
+        rows, unique, mode = batch_plan(self.bank, rows, mode)
         if mode == "group":
-            return self._group(batch, rows, unique)
+            return run_grouped(self.bank, batch, rows, unique, self._run_one)
         hidden, pooler = self.forward(batch, rows)
         logits, widths = run_heads(self.bank, hidden, batch["attention_mask"], pooler, rows)
         return BatchOutput(logits, widths, mode)
@@ -132,17 +123,7 @@ class OrtEngine:
         torch.index_select(table, 0, torch.tensor(rows, dtype=torch.long), out=out)
         return out
 
-    def _group(self, batch, rows: list[int], unique: list[int]) -> BatchOutput:
-        b = len(rows)
-        m = max(self.bank.info[r].count for r in unique)
-        logits, widths = torch.zeros(b, m), [0] * b
-        for r in unique:
-            idx = [i for i, x in enumerate(rows) if x == r]
-            take = torch.tensor(idx)
-            part = {k: v.index_select(0, take) for k, v in batch.items()}
-            hidden, pooler = self.forward(part, [r] * len(idx))
-            out, w = run_heads(self.bank, hidden, part["attention_mask"], pooler, [r] * len(idx))
-            logits[idx, : out.shape[1]] = out
-            for i, width in zip(idx, w):
-                widths[i] = width
-        return BatchOutput(logits, widths, "group")
+    def _run_one(self, part, row: int) -> tuple[torch.Tensor, list[int]]:
+        rows = [row] * part["attention_mask"].shape[0]
+        hidden, pooler = self.forward(part, rows)
+        return run_heads(self.bank, hidden, part["attention_mask"], pooler, rows)
