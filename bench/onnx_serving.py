@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from runtime import pin, publish, ratio_rounds, sst2_dev, verdict  # noqa: E402  (shared with the runtime benchmark)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-GLUE = Path(os.environ.get("BITFIT_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
 BEGIN = "<!-- onnx-serving:begin (written by bench/onnx_serving.py from one run; edit outside these markers) -->"
 END = "<!-- onnx-serving:end -->"
 GOALS = {"http fp32 / torch": 1.6, "http int8 / torch": 2.5, "bias fp32 / plain fp32": 0.95}
@@ -45,27 +45,6 @@ SERVER_CORE, LOAD_CORE = 0, 1
 N_TASKS = 100
 SERVERS = {"torch": {}, "onnxruntime fp32": {"BITFIT_BACKEND": "onnxruntime"},
            "onnxruntime int8": {"BITFIT_BACKEND": "onnxruntime", "BITFIT_QUANTIZE": "int8"}}
-
-
-def sst2_dev() -> list[str]:
-    path = GLUE / "SST-2" / "dev.tsv"
-    if not path.is_file():
-        sys.exit(f"SST-2 dev sentences not found at {path} (set BITFIT_GLUE_DIR)")
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    return [line.split("\t")[0].strip() for line in lines if line.strip()]
-
-
-def ratio_rounds(fns: dict, rounds: int, base: str, clock=time.process_time) -> dict:
-    """Seconds per call of each variant per round (rotating order), and the median per-round ratio to `base`
-    (speed relative to it: > 1 is faster)."""
-    names, times = list(fns), {k: [] for k in fns}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = clock()
-            fns[name]()
-            times[name].append(clock() - start)
-    ratio = {k: statistics.median(b / v for b, v in zip(times[base], times[k])) for k in names if k != base}
-    return {"seconds": {k: statistics.median(v) for k, v in times.items()}, "ratio_to_" + base: ratio}
 
 
 def pair_ratio(res: dict, num: str, den: str) -> float:
@@ -144,7 +123,7 @@ def forward_part(quick: bool, cache: str | None) -> dict:
     with torch.inference_mode():
         for fn in fns.values():
             fn()  # warm up
-        res = ratio_rounds(fns, rounds, "plain fp32") | {"base": "plain fp32"}
+        res = ratio_rounds(fns, rounds, "plain fp32", clock=time.process_time) | {"base": "plain fp32"}
         reps = 20 if quick else 200
         t0 = time.process_time()
         for _ in range(reps):
@@ -211,15 +190,7 @@ def http_part(quick: bool, tmp: Path, cache: str | None) -> dict:
     return out
 
 
-def pin(core: int) -> None:
-    os.sched_setaffinity(0, {core})
-
-
 # -- report ----------------------------------------------------------------------------------------------------
-
-
-def verdict(value: float, goal: float) -> str:
-    return "met" if value >= goal else f"missed ({(1 - value / goal) * 100:.0f} % short)"
 
 
 def markdown(r: dict, png: str) -> str:
@@ -317,18 +288,7 @@ def main(argv=None) -> int:
          "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per server", "command": command,
          "seconds": time.perf_counter() - start, "load_before": load_before, "load_after": os.getloadavg()[0],
          "graphs": graphs, "forward": forward, "http": http}
-    name = "onnx_serving_quick" if args.quick else "onnx_serving"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=2))
-    plot(r, RESULTS / f"{name}.png")
-    block = markdown(r, f"bench/results/{name}.png")
-    print(block)
-    if not args.quick:
-        from serving_report import write_block
-
-        write_block(REPO / "BENCHMARKS.md", block, BEGIN, END)
-    print(f"\n{shlex.join(command.split())}: {(time.perf_counter() - start) / 60:.1f} min; results in "
-          f"bench/results/{name}.json")
+    publish("onnx_serving", r, args.quick, plot, markdown, BEGIN, END, start)
     return 0
 
 

@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -59,15 +58,15 @@ def pin(core: int) -> None:
     os.sched_setaffinity(0, {core})
 
 
-def ratio_rounds(fns: dict, rounds: int, base: str) -> dict:
-    """Seconds per call of each variant per round (rotating order), and the median per-round ratio to `base`."""
+def ratio_rounds(fns: dict, rounds: int, base: str, clock=time.perf_counter) -> dict:
+    """Seconds per call of each variant per round (rotating order), and the median per-round ratio to `base`
+    (speed relative to it: > 1 is faster)."""
     names, times = list(fns), {k: [] for k in fns}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     ratio = {k: statistics.median(b / v for b, v in zip(times[base], times[k])) for k in names if k != base}
     return {"seconds": {k: statistics.median(v) for k, v in times.items()}, "ratio_to_" + base: ratio}
 
@@ -238,6 +237,22 @@ def busy_core(core: int):
 # -- report ----------------------------------------------------------------------------------------------------
 
 
+def publish(name: str, r: dict, quick: bool, plot, markdown, begin: str, end: str, start: float) -> None:
+    """bench/results/NAME[_quick].json and .png, the markdown block printed and, for a real run, written into
+    BENCHMARKS.md between `begin` and `end`; then the command line and how long it took."""
+    name += "_quick" if quick else ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=2))
+    plot(r, RESULTS / f"{name}.png")
+    block = markdown(r, f"bench/results/{name}.png")
+    print(block)
+    if not quick:
+        from serving_report import write_block
+
+        write_block(REPO / "BENCHMARKS.md", block, begin, end)
+    print(f"\n{r['command']}: {(time.perf_counter() - start) / 60:.1f} min; results in bench/results/{name}.json")
+
+
 def verdict(value: float, goal: float) -> str:
     return "met" if value >= goal else f"missed ({(1 - value / goal) * 100:.0f} % short)"
 
@@ -336,18 +351,7 @@ def main(argv=None) -> int:
          "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch 1 thread",
          "command": ".venv/bin/python bench/runtime.py" + (" --quick" if args.quick else ""),
          "seconds": time.perf_counter() - start, "engine": engine, "http": http}
-    name = "runtime_quick" if args.quick else "runtime"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=2))
-    plot(r, RESULTS / f"{name}.png")
-    block = markdown(r, f"bench/results/{name}.png")
-    print(block)
-    if not args.quick:
-        from serving_report import write_block
-
-        write_block(REPO / "BENCHMARKS.md", block, BEGIN, END)
-    print(f"\n{shlex.join(['.venv/bin/python', 'bench/runtime.py'] + (['--quick'] if args.quick else []))}: "
-          f"{(time.perf_counter() - start) / 60:.1f} min; results in bench/results/{name}.json")
+    publish("runtime", r, args.quick, plot, markdown, BEGIN, END, start)
     return 0
 
 
