@@ -155,9 +155,7 @@ class TorchEngine:
         return self.backbone.max_length
 
     def encode(self, items: Sequence[Item]) -> tuple[dict[str, torch.Tensor], list[bool]]:
-        """Tokenise and pad in one step (tests and tools; the server tokenises at submit and pads on the worker)."""
-        encoded = self.encoder.encode(items)
-        return self.collate(encoded), [e.truncated for e in encoded]
+        return self.encoder.padded(items, self.device)
 
     def collate(self, encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         return self.encoder.collate(encoded, self.device)

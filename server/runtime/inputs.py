@@ -100,6 +100,12 @@ class Encoder:
             out[key] = torch.tensor(rows, dtype=torch.long, device=device)
         return out
 
+    def padded(self, items: Sequence[Item], device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], list[bool]]:
+        """Tokenise and pad in one step, with each input's truncation flag (tests and tools; the server tokenises
+        at submit and pads on the worker)."""
+        encoded = self.encode(items)
+        return self.collate(encoded, device), [e.truncated for e in encoded]
+
 
 def padded_tokens(lengths: Sequence[int]) -> int:
     """What a batch of these lengths costs once padded: inputs × the longest."""

@@ -83,9 +83,7 @@ class OrtEngine:
         self._biases = torch.empty(0, self.spec.layout_size)  # (b, N) reused: one gather per batch, no allocation
 
     def encode(self, items: Sequence[Item]) -> tuple[dict[str, torch.Tensor], list[bool]]:
-        """Tokenise and pad in one step (tests and tools; the server tokenises at submit and pads on the worker)."""
-        encoded = self.encoder.encode(items)
-        return self.collate(encoded), [e.truncated for e in encoded]
+        return self.encoder.padded(items, self.device)
 
     def collate(self, encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         return self.encoder.collate(encoded, self.device)
