@@ -53,16 +53,7 @@ class TaskCheckpoint:
             raise BackboneMismatch(backbone.layout.fingerprint, self.fingerprint, what=f"{self.method} checkpoint")
         model = TaskModel(backbone.model, TaskHead(backbone.hidden_size, self.num_outputs, self.pooling))
         get_method(self.method).prepare(model, backbone, self.seed)
-        params = dict(model.named_parameters())
-        problems = [f"{k}: not a parameter of the model" for k in self.tensors if k not in params]
-        problems += [f"{k}: shape {tuple(v.shape)}, the model has {tuple(params[k].shape)}"
-                     for k, v in self.tensors.items() if k in params and v.shape != params[k].shape]
-        if problems:
-            raise BiasSetFormatError(f"checkpoint does not fit the model: {'; '.join(problems[:5])}")
-        with torch.no_grad():
-            for k, v in self.tensors.items():
-                params[k].copy_(v.to(params[k].dtype))
-        return model.eval()
+        return load_trained(model, self.tensors)
 
 
 def save_task_model(model: TaskModel, backbone: Backbone, data, result, config, path) -> Path:
@@ -84,6 +75,21 @@ def save_task_model(model: TaskModel, backbone: Backbone, data, result, config, 
         "train_args": json.dumps(asdict(config) | {"best_epoch": result.best_epoch}, sort_keys=True),
     }
     return write_atomic(path, st_save(tensors, metadata=meta))
+
+
+def load_trained(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Copy a checkpoint's trained tensors over `model`'s parameters of the same names; refuses names the model
+    lacks and shapes it does not have, before changing anything."""
+    params = dict(model.named_parameters())
+    problems = [f"{k}: not a parameter of the model" for k in tensors if k not in params]
+    problems += [f"{k}: shape {tuple(v.shape)}, the model has {tuple(params[k].shape)}"
+                 for k, v in tensors.items() if k in params and v.shape != params[k].shape]
+    if problems:
+        raise BiasSetFormatError(f"checkpoint does not fit the model: {'; '.join(problems[:5])}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v.to(params[k].dtype))
+    return model.eval()
 
 
 def file_format(path) -> str | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from bitfit.checkpoint import file_format, metadata_list, read_checkpoint
-from bitfit.errors import BackboneMismatch, BiasSetFormatError
+from bitfit.checkpoint import file_format, load_trained, metadata_list, read_checkpoint
+from bitfit.errors import BackboneMismatch
 from bitfit.files import write_atomic
 
 FORMAT = "bitfit-lm-model"
@@ -45,16 +45,7 @@ class LMCheckpoint:
             raise BackboneMismatch(backbone.layout.fingerprint, self.fingerprint, what=f"{self.method} checkpoint")
         model = language_model(backbone)
         get_method(self.method).prepare(model, backbone, self.seed)
-        params = dict(model.named_parameters())
-        problems = [f"{k}: not a parameter of the model" for k in self.tensors if k not in params]
-        problems += [f"{k}: shape {tuple(v.shape)}, the model has {tuple(params[k].shape)}"
-                     for k, v in self.tensors.items() if k in params and v.shape != params[k].shape]
-        if problems:
-            raise BiasSetFormatError(f"checkpoint does not fit the model: {'; '.join(problems[:5])}")
-        with torch.no_grad():
-            for k, v in self.tensors.items():
-                params[k].copy_(v.to(params[k].dtype))
-        return model.eval()
+        return load_trained(model, self.tensors)
 
 
 def save_lm_model(model, backbone, task: str, result, config, template: str, stop: list[str], path,

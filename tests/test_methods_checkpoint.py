@@ -104,3 +104,17 @@ def test_train_refuses_bad_option_values_and_writes_nothing(tmp_path, capsys, ba
                  "--epochs", "1", *bad])
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-bert", "train.csv"]
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_refused_before_anything_changes():
+    from bitfit.checkpoint import load_trained
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {"0.bias": torch.ones(2), "0.weight": torch.ones(2, 4), "1.bias": torch.ones(1)}
+    with pytest.raises(BiasSetFormatError, match=r"1\.bias: not a parameter of the model; 0\.weight: shape \(2, 4\), the model has \(2, 3\)"):
+        load_trained(model, bad)
+    for k, v in model.state_dict().items():  # the fitting 0.bias was not copied either
+        assert torch.equal(v, before[k]), k
+    load_trained(model, {"0.bias": torch.ones(2)})
+    assert torch.equal(model[0].bias, torch.ones(2))
