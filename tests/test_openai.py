@@ -195,6 +195,38 @@ def test_stream_ends_with_done(url):
     assert json.loads(lines[0][6:])["object"] == "text_completion"
 
 
+def metric(url: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_count_each_tasks_generated_tokens_and_the_errors_by_status(url):
+    before = {n: metric(url, n, task="e2e-b") for n in ("bitfit_generation_requests_total",
+                                                         "bitfit_generation_prompt_tokens_total",
+                                                         "bitfit_generation_completion_tokens_total",
+                                                         "bitfit_generation_first_token_seconds_count")}
+    errors = metric(url, "bitfit_generation_errors_total", status="404")
+    r = client(url).completions.create(model="e2e-b", prompt=gs.MRS[1], max_tokens=N, temperature=0)
+    chunks = list(client(url).chat.completions.create(model="e2e-b", messages=[{"role": "user", "content": gs.MRS[2]}],
+                                                      max_tokens=N, temperature=0, stream=True,
+                                                      stream_options={"include_usage": True}))
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="no-such-task", prompt="x", max_tokens=2)
+    used = [r.usage, chunks[-1].usage]
+    after = {n: metric(url, n, task="e2e-b") for n in before}
+    assert after["bitfit_generation_requests_total"] - before["bitfit_generation_requests_total"] == 2
+    assert after["bitfit_generation_first_token_seconds_count"] - before["bitfit_generation_first_token_seconds_count"] == 2
+    assert (after["bitfit_generation_prompt_tokens_total"] - before["bitfit_generation_prompt_tokens_total"]
+            == sum(u.prompt_tokens for u in used))
+    assert (after["bitfit_generation_completion_tokens_total"] - before["bitfit_generation_completion_tokens_total"]
+            == sum(u.completion_tokens for u in used) > 0)
+    assert metric(url, "bitfit_generation_errors_total", status="404") == errors + 1
+    assert metric(url, "bitfit_generation_requests_total", task="no-such-task") == 0  # unknown names add no label
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
 def test_a_client_that_disconnects_frees_its_slot(url, scheduler, stream):
     assert wait_until(lambda: scheduler.active == 0)

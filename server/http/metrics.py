@@ -33,6 +33,20 @@ class Metrics:
                                      ["token", "status"], registry=r)
         self.tokens_errors = Counter("bitfit_tokens_file_errors", "re-reads of a malformed tokens file (old tokens kept)",
                                      registry=r)
+        # generation (/v1): label values are task names, as for /predict; unknown models are counted by status only
+        self.gen_requests = Counter("bitfit_generation_requests", "/v1 completions and chat completions that started",
+                                    ["task"], registry=r)
+        self.gen_errors = Counter("bitfit_generation_errors", "/v1 requests answered with an error", ["status"],
+                                  registry=r)
+        self.gen_prompt_tokens = Counter("bitfit_generation_prompt_tokens", "prompt tokens of started sequences",
+                                         ["task"], registry=r)
+        self.gen_completion_tokens = Counter("bitfit_generation_completion_tokens",
+                                             "tokens generated (a disconnected client's count too)", ["task"], registry=r)
+        self.gen_first_token = Histogram("bitfit_generation_first_token_seconds",
+                                         "time from a request's start to its first generated text", ["task"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.gen_latency = Histogram("bitfit_generation_latency_seconds", "time from a request's start to its last token",
+                                     ["task"], buckets=LATENCY_BUCKETS + (30.0, 60.0), registry=r)
         self.audit_errors = Counter("bitfit_audit_write_errors", "admin changes whose audit record could not be stored",
                                     registry=r)
 
@@ -45,6 +59,15 @@ class Metrics:
         self.latency.labels(task).observe(seconds)
         if status >= 400:
             self.errors.labels(task, str(status)).inc()
+
+    def generated(self, task: str, prompt_tokens: int, completion_tokens: int, first_s: float | None,
+                  total_s: float) -> None:
+        self.gen_requests.labels(task).inc()
+        self.gen_prompt_tokens.labels(task).inc(prompt_tokens)
+        self.gen_completion_tokens.labels(task).inc(completion_tokens)
+        if first_s is not None:
+            self.gen_first_token.labels(task).observe(first_s)
+        self.gen_latency.labels(task).observe(total_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -73,7 +73,11 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:  # the one place /v1 errors are mapped: routes below raise, never catch
-                return openai_error(exc)
+                response = openai_error(exc)
+                metrics = getattr(request.app.state, "metrics", None)
+                if metrics is not None:
+                    metrics.gen_errors.labels(str(response.status_code)).inc()
+                return response
 
         return route
 
@@ -118,7 +122,7 @@ async def completions(body: CompletionRequest, request: Request, gen: Generation
     usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
         async def chunks():
-            async for i, delta, finish, n in pieces(gen, started):
+            async for i, delta, finish, n in pieces(gen, started, request):
                 counts[i] = n
                 yield {"id": ident, "object": "text_completion", "created": created, "model": model,
                        "choices": [{"index": i, "text": delta, "finish_reason": finish, "logprobs": None}]}
@@ -152,7 +156,7 @@ async def chat_completions(body: ChatRequest, request: Request, gen: GenerationD
             head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
             yield head | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                        "finish_reason": None, "logprobs": None}]}
-            async for i, delta, finish, n in pieces(gen, started):
+            async for i, delta, finish, n in pieces(gen, started, request):
                 counts[i] = n
                 if delta:
                     yield head | {"choices": [{"index": i, "delta": {"content": delta}, "finish_reason": None,
@@ -204,9 +208,12 @@ def usage(started: list[Started], counts: dict[int, int]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-async def pieces(gen: GenerationService, started: list[Started]) -> AsyncIterator[tuple[int, str, str | None, int]]:
-    """(choice, new text, finish reason or None, tokens so far) as the sequences advance, interleaved."""
+async def pieces(gen: GenerationService, started: list[Started], request: Request
+                 ) -> AsyncIterator[tuple[int, str, str | None, int]]:
+    """(choice, new text, finish reason or None, tokens so far) as the sequences advance, interleaved; the
+    request's tokens and timings go to the metrics when they end, finished or abandoned."""
     queue: asyncio.Queue = asyncio.Queue()
+    begun, first, counts = time.perf_counter(), None, {}
 
     async def follow(i: int, s: Started) -> None:
         tokens: list[int] = []
@@ -231,12 +238,19 @@ async def pieces(gen: GenerationService, started: list[Started]) -> AsyncIterato
                 raise item
             if item[2] is not None:
                 left -= 1
+            if first is None and item[1]:
+                first = time.perf_counter() - begun
+            counts[item[0]] = item[3]
             yield item
     finally:
         for t in tasks:
             t.cancel()
         for s in started:
             s.stream.cancel()  # no-op for a finished one; a client that left frees its slot
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.generated(started[0].task, sum(s.prompt_tokens for s in started), sum(counts.values()), first,
+                              time.perf_counter() - begun)
 
 
 async def collect(gen: GenerationService, started: list[Started], request: Request) -> list[tuple[str, str, int]]:
@@ -245,7 +259,7 @@ async def collect(gen: GenerationService, started: list[Started], request: Reque
     out: dict[int, tuple[str, str, int]] = {}
 
     async def run() -> None:
-        async for i, delta, finish, n in pieces(gen, started):
+        async for i, delta, finish, n in pieces(gen, started, request):
             texts[i].append(delta)
             if finish is not None:
                 out[i] = ("".join(texts[i]), finish, n)
