@@ -87,7 +87,7 @@ def main(argv=None) -> int:
              "| | test inputs | BLEU |", "|---|---:|---:|",
              f"| `POST /v1/completions` (server, continuous batching) | {len(outputs)} | **{score.score:.2f}** |"]
     if "eval_bleu_same_inputs" in result:
-        lines += [f"| `bitfit eval` (one sequence at a time) | {len(outputs)} | {result['eval_bleu_same_inputs']:.2f} |", "",
+        lines += [f"| `bitfit eval` (fixed batches of 64) | {len(outputs)} | {result['eval_bleu_same_inputs']:.2f} |", "",
                   f"Outputs identical to `bitfit eval`'s: {result['identical_outputs']} of {len(outputs)}. "
                   f"BLEU: sacrebleu `{signature}`."]
     block = "\n".join(lines)
