@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import httpx  # noqa: E402
 import ray_cluster as rc  # noqa: E402
 from s3_server import BUCKET, KEY, SECRET, SeaweedFS, new_prefix  # noqa: E402
-from serve_process import TOKEN, ServeProcess, free_port, s3_variables, variant  # noqa: E402
+from serve_process import TOKEN, ServeProcess, s3_variables, variant  # noqa: E402
 
 WORDS = "a gripping beautifully acted film that never quite finds its footing yet still moves".split()
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -168,7 +168,7 @@ def main() -> int:
         os.environ.update(env)
         os.environ["BITFIT_ADMIN_TOKEN"] = TOKEN
         location = f"s3://{BUCKET}/{new_prefix('bench')}"
-        port = free_port()
+        port = rc.SERVE_PORT
         url = f"http://{rc.LOOPBACK}:{port}"
         with rc.cluster(a.workdir, nodes=2, cpus_per_node=1, http_port=port, pin=[{0}, {1}],
                         head_cpus=0) as c:

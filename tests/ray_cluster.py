@@ -23,9 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 APP = "bitfit"
 LOOPBACK = "127.0.0.1"
 
+# Serve's proxy port: fixed, below the ephemeral range. A free ephemeral port picked before the cluster starts can be
+# taken by one of Ray's own processes (they bind ephemeral ports) before the proxy binds it; the cluster runs in a
+# private network namespace, so nothing else holds this one.
+SERVE_PORT = 8000
+
 
 @contextmanager
-def cluster(workdir: Path, nodes: int = 2, cpus_per_node: float = 1, http_port: int = 8000,
+def cluster(workdir: Path, nodes: int = 2, cpus_per_node: float = 1, http_port: int = SERVE_PORT,
             pin: Sequence[set[int]] | None = None, head_cpus: float | None = None) -> Iterator[object]:
     """`nodes` Ray nodes (the first is the head; `head_cpus` CPUs, default `cpus_per_node`) and Serve's proxy on
     the head, at LOOPBACK:http_port.
@@ -42,6 +47,11 @@ def cluster(workdir: Path, nodes: int = 2, cpus_per_node: float = 1, http_port: 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"  # inherited by the nodes, so by the proxy
     temp = Path(f"/tmp/bitfit-ray-{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
+    # Cluster() records the head's address in Ray's default temp dir (/tmp/ray) whatever temp_dir says, and does
+    # not create that folder: on a machine that never ran Ray the head fails to start without it.
+    from ray._common.utils import get_default_ray_temp_dir
+
+    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
     c = None
     try:
         head = {**node_args(temp, cpus_per_node if head_cpus is None else head_cpus), "include_dashboard": False}

@@ -25,7 +25,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 import httpx  # noqa: E402
 import ray_cluster as rc  # noqa: E402
 from s3_server import BUCKET, KEY, SECRET, SeaweedFS, new_prefix  # noqa: E402
-from serve_process import TOKEN, free_port, s3_variables, variant  # noqa: E402
+from serve_process import TOKEN, s3_variables, variant  # noqa: E402
 
 TASK = "ray-scale"
 TEXT = {"inputs": ["a gripping, beautifully acted film"]}
@@ -136,7 +136,7 @@ def main() -> int:
         os.environ["BITFIT_ADMIN_TOKEN"] = TOKEN  # in the replicas' environment, never on a command line
         location = f"s3://{BUCKET}/{new_prefix('ray')}"
         phase("s3 up")
-        port = free_port()
+        port = rc.SERVE_PORT
         url = f"http://{rc.LOOPBACK}:{port}"
         with rc.cluster(a.workdir, nodes=2, http_port=port) as c:
             phase("cluster up")
