@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -101,5 +102,9 @@ def test_a_dead_engine_process_fails_waiting_and_new_requests_with_not_ready(run
             await runner.submit("a", TEXTS[:1])
 
     run(go())
+    # the reader thread fails the waiters first and stops the server just after: allow it that moment
+    deadline = time.monotonic() + 10
+    while not stops and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert stops == [(os.getpid(), signal.SIGTERM)]
     assert "engine process exited" in runner.failure
