@@ -27,12 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from onnx_serving import GOALS  # noqa: E402  (the HTTP goals, against which the forward alone is a ceiling)
 from runtime import pin, publish, ratio_rounds, sst2_dev  # noqa: E402
 
 BEGIN = "<!-- onnx-ceiling:begin (written by bench/onnx_ceiling.py from one run; edit outside these markers) -->"
 END = "<!-- onnx-ceiling:end -->"
 ROUNDS = 7
-GOALS = {"fp32": 1.6, "int8": 2.5}  # the HTTP goals, against which the forward alone is a ceiling
 VARIANTS = ["torch eager", "ort fp32", "ort fp32 fused", "ort int8", "ort int8 fused"]
 
 
@@ -66,30 +66,23 @@ def build_graphs(backbone, tmp: Path) -> dict[str, Path]:
 
 
 def batches(backbone) -> dict[str, dict]:
+    import torch
+
     from server.runtime.inputs import Encoder
 
     enc = Encoder(backbone.tokenizer, backbone.max_length)
     texts = sst2_dev()
     b32 = enc.collate(enc.encode(texts[:32]))
-    long = enc.collate(enc.encode(texts[:32]))
-    width = 128  # the same sentences padded as a fixed-length export would feed them
-    pad = width - long["input_ids"].shape[1]
-    import torch
-
-    long = {k: torch.nn.functional.pad(v, (0, pad), value=enc.pad_id if k == "input_ids" else 0) for k, v in long.items()}
+    pad = 128 - b32["input_ids"].shape[1]  # the same sentences padded as a fixed-length export would feed them
+    long = {k: torch.nn.functional.pad(v, (0, pad), value=enc.pad_id if k == "input_ids" else 0) for k, v in b32.items()}
     return {"32 x longest": b32, "8 x longest": enc.collate(enc.encode(texts[32:40])), "32 x 128 padded": long}
 
 
 def measure(backbone, paths: dict[str, Path], batch: dict) -> dict:
     import numpy as np
-    import onnxruntime as ort
     import torch
 
-    def session(path):
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = o.inter_op_num_threads = 1
-        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    from server.runtime.onnx_engine import make_session
 
     model = backbone.model.eval()
     with torch.inference_mode():
@@ -99,7 +92,7 @@ def measure(backbone, paths: dict[str, Path], batch: dict) -> dict:
     with torch.inference_mode():
         fns["torch eager"] = lambda: model(**batch)
     for name, path in paths.items():
-        s = session(path)
+        s = make_session(path, 1)  # the server's own session settings, one thread
         feed = {i.name: batch[i.name].numpy() for i in s.get_inputs()}
         out = s.run(None, feed)[0]
         diffs[name] = float(np.abs(out - ref)[mask].max())  # real tokens only: padded rows are never pooled
@@ -128,7 +121,7 @@ def markdown(r: dict, png: str) -> str:
     best32 = max(r["shapes"]["32 x longest"]["ratio_to_torch"][k] for k in ("ort fp32", "ort fp32 fused"))
     best8 = max(r["shapes"]["32 x longest"]["ratio_to_torch"][k] for k in ("ort int8", "ort int8 fused"))
     lines += ["", f"Best ONNX Runtime forward against torch, batch of 32 SST-2 sentences: fp32 {best32:.2f}× "
-              f"(the HTTP goal is ≥ {GOALS['fp32']}), int8 {best8:.2f}× (goal ≥ {GOALS['int8']}). Largest difference to "
+              f"(the HTTP goal is ≥ {GOALS['http fp32 / torch']}), int8 {best8:.2f}× (goal ≥ {GOALS['http int8 / torch']}). Largest difference to "
               "torch's hidden states on real tokens: " + ", ".join(
                   f"{k} {v:.1e}" for k, v in r["shapes"]["32 x longest"]["max_abs_diff_to_torch"].items()) + ".",
               "", f"![onnx ceiling]({png})"]

@@ -122,8 +122,7 @@ async def completions(body: CompletionRequest, request: Request, gen: Generation
     usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
         async def chunks():
-            async for i, delta, finish, n in pieces(gen, started, request):
-                counts[i] = n
+            async for i, delta, finish, _ in pieces(gen, started, request, counts):
                 yield {"id": ident, "object": "text_completion", "created": created, "model": model,
                        "choices": [{"index": i, "text": delta, "finish_reason": finish, "logprobs": None}]}
             if usage_wanted:
@@ -131,7 +130,7 @@ async def completions(body: CompletionRequest, request: Request, gen: Generation
                        "usage": usage(started, counts)}
 
         counts: dict[int, int] = {}
-        return sse(chunks(), started, counts)
+        return sse(chunks(), started)
     results = await collect(gen, started, request)
     return {"id": ident, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
@@ -156,8 +155,7 @@ async def chat_completions(body: ChatRequest, request: Request, gen: GenerationD
             head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
             yield head | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                        "finish_reason": None, "logprobs": None}]}
-            async for i, delta, finish, n in pieces(gen, started, request):
-                counts[i] = n
+            async for i, delta, finish, _ in pieces(gen, started, request, counts):
                 if delta:
                     yield head | {"choices": [{"index": i, "delta": {"content": delta}, "finish_reason": None,
                                                "logprobs": None}]}
@@ -167,7 +165,7 @@ async def chat_completions(body: ChatRequest, request: Request, gen: GenerationD
                 yield head | {"choices": [], "usage": usage(started, counts)}
 
         counts: dict[int, int] = {}
-        return sse(chunks(), started, counts)
+        return sse(chunks(), started)
     (content, finish, n), = await collect(gen, started, request)
     return {"id": ident, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
@@ -208,12 +206,14 @@ def usage(started: list[Started], counts: dict[int, int]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-async def pieces(gen: GenerationService, started: list[Started], request: Request
-                 ) -> AsyncIterator[tuple[int, str, str | None, int]]:
-    """(choice, new text, finish reason or None, tokens so far) as the sequences advance, interleaved; the
-    request's tokens and timings go to the metrics when they end, finished or abandoned."""
+async def pieces(gen: GenerationService, started: list[Started], request: Request,
+                 counts: dict[int, int] | None = None) -> AsyncIterator[tuple[int, str, str | None, int]]:
+    """(choice, new text, finish reason or None, tokens so far) as the sequences advance, interleaved. `counts`
+    (choice -> tokens so far) is kept up to date for the caller's `usage`; the request's tokens and timings go
+    to the metrics when they end, finished or abandoned."""
     queue: asyncio.Queue = asyncio.Queue()
-    begun, first, counts = time.perf_counter(), None, {}
+    begun, first = time.perf_counter(), None
+    counts = {} if counts is None else counts
 
     async def follow(i: int, s: Started) -> None:
         tokens: list[int] = []
@@ -283,7 +283,7 @@ async def collect(gen: GenerationService, started: list[Started], request: Reque
     return [out[i] for i in range(len(started))]
 
 
-def sse(chunks: AsyncIterator[dict], started: list[Started], counts: dict[int, int]) -> StreamingResponse:
+def sse(chunks: AsyncIterator[dict], started: list[Started]) -> StreamingResponse:
     """Server-sent events, `data: {json}` each, ending with `data: [DONE]`; an error mid-stream comes as an
     OpenAI error object, then [DONE]."""
 
