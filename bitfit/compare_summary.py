@@ -73,7 +73,8 @@ def _final(entry: dict) -> bool:
 
 def cells(results: dict) -> dict[tuple[str, str], dict]:
     """(method, task) -> the reported runs: at the learning rate chosen on held-out train where selection runs
-    exist, else at the best mean dev score over seeds (ties: the smaller lr); every seed run at it."""
+    exist, else at the best mean dev score over seeds (ties: the smaller lr), or at the only lr run ("given");
+    every seed run at it."""
     finals: dict[tuple[str, str], dict[float, list[dict]]] = {}
     selects: dict[tuple[str, str], list[dict]] = {}
     for e in results["runs"].values():
@@ -88,6 +89,8 @@ def cells(results: dict) -> dict[tuple[str, str], dict]:
             lr, chosen_on = chosen_lr(selects[key]), "held-out train"
             if lr not in by_lr:
                 continue  # its final run has not finished
+        elif len(by_lr) == 1:
+            lr, chosen_on = next(iter(by_lr)), "given"  # one candidate: nothing was chosen, on dev or elsewhere
         else:
             lr = max(by_lr, key=lambda v: (_mean([e["score"] for e in by_lr[v]]), -v))
             chosen_on = "dev"

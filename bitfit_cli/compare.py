@@ -99,10 +99,11 @@ def cmd_compare(args) -> int:
         runs = plan.runs(results)
         for r in runs:
             print(("done  " if r.key in results["runs"] else "to do ") + r.key)
-        waiting = sum(1 for m in plan.methods for t in plan.tasks if len(plan.lrs[m]) > 1) if settings.select_share else 0
+        # a pair with one candidate needs no selection, so its final is never waiting
         finals = {(r.method, r.task) for r in runs if r.stage == "final"}
+        waiting = sum(1 for m in plan.methods for t in plan.tasks if len(plan.lrs[m]) > 1 and (m, t) not in finals)
         if settings.select_share:
-            print(f"{waiting - len(finals)} (method, task) finals wait for their learning-rate selection")
+            print(f"{waiting} (method, task) finals wait for their learning-rate selection")
         return 0
     if args.report_only:
         results = load_results(results_path, settings)

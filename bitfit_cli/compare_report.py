@@ -31,6 +31,13 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _lr_caption(chosen_on: set[str]) -> str:
+    parts = [f"chosen on {c}" for c in sorted(chosen_on - {"given"})]
+    if "given" in chosen_on:
+        parts.append("given by --lrs (one candidate, nothing chosen)")
+    return "Learning rate " + (" and ".join(parts) or "–") + " (per method and task)."
+
+
 def render_markdown(summary: dict, results: dict, costs: dict | None = None, costs_path: Path | None = None,
                     score_goals: bool = True) -> str:
     """The tables; `score_goals=False` (the costs preset: 20 steps) lists only the cost goals."""
@@ -47,8 +54,8 @@ def render_markdown(summary: dict, results: dict, costs: dict | None = None, cos
            + (f", torch {any_run['torch']}, {any_run['threads']} thread(s) per run, device {any_run.get('device', 'cpu')}"
               if any_run else "") + (f", backbone {any_run['backbone']}" if any_run and "backbone" in any_run else "") + ".",
            "", "Scores ×100 on the whole of each dev set given in the settings; ± is one standard error (bootstrap over dev "
-           "examples; binomial for accuracy where no predictions were stored). Learning rate chosen on "
-           + (" and ".join(sorted(chosen_on)) or "–") + " (per method and task)."
+           "examples; binomial for accuracy where no predictions were stored). "
+           + _lr_caption(chosen_on)
            + (" Runs report their last epoch (dev chooses nothing)." if results["settings"].get("keep") == "last"
               else " Runs report their best epoch on dev."), ""]
     head = ["method", "trainable", "share %"] + [f"{TASKS[t]} {METRIC_NAMES.get(metric[t], metric[t])}" for t in tasks]
@@ -144,29 +151,50 @@ def selection_table(results: dict) -> list[str]:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """Average dev score (± SE) against the trainable share (log x), one marker per method, tasks faint behind."""
+    """Left: average dev score (± SE) against the trainable share (log x), one marker per method, tasks faint
+    behind. Right: each task's score per method (± SE), so a method's loss can be traced to its task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, m in enumerate(summary["methods"]):
+    from bitfit.compare import TASKS
+
+    methods = summary["methods"]
+    tasks = [t for t in TASKS if any(t in summary["rows"][m]["cells"] for m in methods)]
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.25]})
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for m in methods:
         r = summary["rows"][m]
         x = 100 * r["share"]
-        line = ax.scatter([x] * len(r["scores"]), list(r["scores"].values()), alpha=0.25, s=18)
+        ax.scatter([x] * len(r["scores"]), list(r["scores"].values()), alpha=0.25, s=18, color=colors[m])
         if r["average"] is not None:
-            color = line.get_facecolor()[0][:3]
-            ax.errorbar([x], [r["average"]], yerr=[r["average_se"] or 0], fmt="o", color=color, ms=8,
-                        mec="black", capsize=3, zorder=3)
-            # alternate above and below: BitFit and random share one x
-            ax.annotate(m, (x, r["average"]), textcoords="offset points", xytext=(6, 6 if i % 2 else -14))
+            # a legend, not labels beside the markers: BitFit and random share one x, bq-bm2 and ia3 nearly
+            ax.errorbar([x], [r["average"]], yerr=[r["average_se"] or 0], fmt="o", color=colors[m], ms=8,
+                        mec="black", capsize=3, zorder=3, label=f"{m} ({x:.3g} %): {r['average']:.1f}")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("GLUE dev score (average ± SE: large markers; tasks: faint)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", title="method (trainable): average", title_fontsize=8)
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        cells_ = summary["rows"][m]["cells"]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j, t in enumerate(tasks) if t in cells_]
+        ys = [cells_[t]["score"] for t in tasks if t in cells_]
+        errs = [cells_[t]["se"] or 0 for t in tasks if t in cells_]
+        bars.bar(xs, ys, width, yerr=errs, color=colors[m], capsize=2, label=m, error_kw={"lw": 0.8})
+    bars.set_xticks(range(len(tasks)), [f"{TASKS[t]}\n{METRIC_NAMES.get(_metric(summary, t), '')}" for t in tasks])
+    bars.set_ylabel("dev score ± SE")
+    bars.set_title("per task")
+    bars.grid(True, axis="y", alpha=0.3)
+    bars.legend(fontsize=8, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _metric(summary: dict, task: str) -> str:
+    return next(r["cells"][task]["metric"] for r in summary["rows"].values() if task in r["cells"])

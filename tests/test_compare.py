@@ -340,6 +340,16 @@ def test_without_selection_runs_the_best_mean_over_seeds_on_dev_is_reported():
     assert (c["lr"], c["chosen_on"], c["score"]) == (1e-4, "dev", pytest.approx(64))
 
 
+def test_a_single_given_lr_is_reported_as_given_not_as_chosen_on_dev():
+    from bitfit_cli.compare_report import render_markdown
+
+    results = {"runs": {"a": entry("bitfit", "cola", 5e-3, 0.0)}, "settings": {"keep": "last"}}
+    c = cells(results)[("bitfit", "cola")]
+    assert (c["lr"], c["chosen_on"]) == (5e-3, "given")
+    text = render_markdown(summarise(results), results)
+    assert "Learning rate given by --lrs (one candidate, nothing chosen)" in text and "chosen on dev" not in text
+
+
 def test_costs_come_from_a_separate_run_when_one_is_given():
     costs = {"runs": {"f": entry("full", "sst2", 5e-5, 0.5, step=3.0, peak=3000), "b": entry("bitfit", "sst2", 2e-3, 0.5, step=1.2, peak=1500),
                       "f2": entry("full", "rte", 5e-5, 0.5, step=4.0, peak=4000), "b2": entry("bitfit", "rte", 2e-3, 0.5, step=2.0, peak=2000)}}
@@ -384,6 +394,17 @@ def test_compare_refuses_bad_seeds_and_writes_nothing(seeds, fake_glue, tmp_path
     assert main(["compare", "--seeds", seeds, "--glue", str(fake_glue), "--results", str(results)]) == 2
     assert "--seeds must be N or TASK=N" in capsys.readouterr().err
     assert not results.parent.exists()
+
+
+@pytest.mark.parametrize(("lrs", "waiting"), [("grid", 2), ("0.005", 0)], ids=["grid", "one-lr"])
+def test_dry_run_counts_only_the_finals_that_wait_for_a_selection(lrs, waiting, fake_glue, tmp_path, capsys):
+    from bitfit_cli.main import main
+
+    results = tmp_path / "results.json"
+    assert main(["compare", "--preset", "full", "--methods", "bitfit", "--tasks", "rte,mrpc", "--lrs", lrs,
+                 "--dry-run", "--glue", str(fake_glue), "--results", str(results)]) == 0
+    assert f"\n{waiting} (method, task) finals wait for their learning-rate selection" in capsys.readouterr().out
+    assert not results.exists()
 
 
 def test_the_device_option_reaches_every_planned_run_and_the_child_payload(fake_glue):
