@@ -99,10 +99,10 @@ def cmd_compare(args) -> int:
         runs = plan.runs(results)
         for r in runs:
             print(("done  " if r.key in results["runs"] else "to do ") + r.key)
-        # a pair with one candidate needs no selection, so its final is never waiting
-        finals = {(r.method, r.task) for r in runs if r.stage == "final"}
-        waiting = sum(1 for m in plan.methods for t in plan.tasks if len(plan.lrs[m]) > 1 and (m, t) not in finals)
         if settings.select_share:
+            # a pair with one candidate needs no selection, so its final is never waiting
+            finals = {(r.method, r.task) for r in runs if r.stage == "final"}
+            waiting = sum(1 for m in plan.methods for t in plan.tasks if len(plan.lrs[m]) > 1 and (m, t) not in finals)
             print(f"{waiting} (method, task) finals wait for their learning-rate selection")
         return 0
     if args.report_only:

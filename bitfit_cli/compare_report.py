@@ -31,6 +31,11 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _metrics(summary: dict) -> dict[str, str]:
+    """task -> the metric its cells report (every method's cell of a task reports the same one)."""
+    return {t: next(r["cells"][t]["metric"] for r in summary["rows"].values() if t in r["cells"]) for t in summary["tasks"]}
+
+
 def _lr_caption(chosen_on: set[str]) -> str:
     parts = [f"chosen on {c}" for c in sorted(chosen_on - {"given"})]
     if "given" in chosen_on:
@@ -49,7 +54,7 @@ def render_markdown(summary: dict, results: dict, costs: dict | None = None, cos
     any_run = next(iter(results["runs"].values()), None)
     cells = {(m, t): c for m in methods for t, c in rows[m]["cells"].items()}
     chosen_on = {c["chosen_on"] for c in cells.values()}
-    metric = {t: next(c["metric"] for (_, tt), c in cells.items() if tt == t) for t in tasks}
+    metric = _metrics(summary)
     out = [f"Settings: `{results['settings']}`; {len(finals)} final runs" + (f" and {selects} learning-rate selection runs" if selects else "")
            + (f", torch {any_run['torch']}, {any_run['threads']} thread(s) per run, device {any_run.get('device', 'cpu')}"
               if any_run else "") + (f", backbone {any_run['backbone']}" if any_run and "backbone" in any_run else "") + ".",
@@ -160,8 +165,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     from bitfit.compare import TASKS
 
-    methods = summary["methods"]
-    tasks = [t for t in TASKS if any(t in summary["rows"][m]["cells"] for m in methods)]
+    methods, tasks, metric = summary["methods"], summary["tasks"], _metrics(summary)
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.25]})
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     for m in methods:
@@ -185,7 +189,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         ys = [cells_[t]["score"] for t in tasks if t in cells_]
         errs = [cells_[t]["se"] or 0 for t in tasks if t in cells_]
         bars.bar(xs, ys, width, yerr=errs, color=colors[m], capsize=2, label=m, error_kw={"lw": 0.8})
-    bars.set_xticks(range(len(tasks)), [f"{TASKS[t]}\n{METRIC_NAMES.get(_metric(summary, t), '')}" for t in tasks])
+    bars.set_xticks(range(len(tasks)), [f"{TASKS[t]}\n{METRIC_NAMES.get(metric[t], metric[t])}" for t in tasks])
     bars.set_ylabel("dev score ± SE")
     bars.set_title("per task")
     bars.grid(True, axis="y", alpha=0.3)
@@ -195,6 +199,3 @@ def plot(summary: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def _metric(summary: dict, task: str) -> str:
-    return next(r["cells"][task]["metric"] for r in summary["rows"].values() if task in r["cells"])
