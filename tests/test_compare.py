@@ -396,6 +396,15 @@ def test_compare_refuses_bad_seeds_and_writes_nothing(seeds, fake_glue, tmp_path
     assert not results.parent.exists()
 
 
+def test_compare_refuses_bad_learning_rates_and_writes_nothing(fake_glue, tmp_path, capsys):
+    from bitfit_cli.main import main
+
+    results = tmp_path / "out" / "results.json"
+    assert main(["compare", "--lrs", "1e-3,fast", "--glue", str(fake_glue), "--results", str(results)]) == 2
+    assert "--lrs must be 'default', 'grid' or comma-separated numbers, not '1e-3,fast'" in capsys.readouterr().err
+    assert not results.parent.exists()
+
+
 @pytest.mark.parametrize(("lrs", "waiting"), [("grid", 2), ("0.005", 0)], ids=["grid", "one-lr"])
 def test_dry_run_counts_only_the_finals_that_wait_for_a_selection(lrs, waiting, fake_glue, tmp_path, capsys):
     from bitfit_cli.main import main
